@@ -1,0 +1,285 @@
+//! The one model definition: decoder-only transformers of the `qwen2` and `llama` families, written once with burn
+//! tensors so that the same code runs natively, in wasm on the CPU, and on WebGPU.
+//!
+//! Per layer: RMSNorm → Q/K/V projections (+ bias for Qwen2) → rotary embedding → grouped-query attention over the
+//! shared-context KV segment and the session's own KV, merged by log-sum-exp → output projection → residual →
+//! RMSNorm → SwiGLU MLP → residual. Linear layers keep the GGUF's quantized blocks ([`QMatrix`]).
+
+mod config;
+mod qmatrix;
+mod session;
+
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Tensor, TensorData};
+
+pub use config::{Arch, ModelConfig, RopeStyle};
+pub use qmatrix::{QMatrix, QuantOps, q_linear};
+pub use session::{Session, SessionError};
+
+use crate::attention::{self, Partial};
+use crate::gguf::{Gguf, GgufError};
+use crate::kv::DeviceKv;
+
+/// A linear layer with quantized weight and optional float bias.
+#[derive(Module, Debug)]
+pub struct Linear {
+    #[module(skip)]
+    pub weight: QMatrix,
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    fn load(g: &Gguf, name: &str, device: &Device) -> Result<Self, GgufError> {
+        let weight = QMatrix::from_gguf(g, &format!("{name}.weight"))?;
+        let bias = match g.tensors.get(&format!("{name}.bias")) {
+            Some(_) => Some(QMatrix::from_gguf(g, &format!("{name}.bias"))?.to_vector(device)),
+            None => None,
+        };
+        Ok(Linear { weight: weight, bias })
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        q_linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// Root-mean-square normalisation with a learned gain.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub gain: Tensor<1>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn load(g: &Gguf, name: &str, eps: f64, device: &Device) -> Result<Self, GgufError> {
+        Ok(RmsNorm { gain: QMatrix::from_gguf(g, name)?.to_vector(device), eps })
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let inv = x.clone().powi_scalar(2).mean_dim(1).add_scalar(self.eps).sqrt().recip();
+        x * inv * self.gain.clone().unsqueeze_dim(0)
+    }
+}
+
+/// One transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: RmsNorm,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// The whole model.
+#[derive(Module, Debug)]
+pub struct Model {
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub embed: QMatrix,
+    pub blocks: Vec<Block>,
+    pub norm: RmsNorm,
+    /// Output projection; `None` when tied to the embedding.
+    #[module(skip)]
+    pub output: QMatrix,
+    #[module(skip)]
+    pub compute_device: Device,
+    /// Fingerprint of the weights, carried by exported KV so it is never imported into another model.
+    #[module(skip)]
+    pub fingerprint: String,
+}
+
+/// Rotary tables for a run of positions: `cos`, `sin` as `[tokens, 1, head_dim / 2]`.
+struct Rope {
+    cos: Tensor<3>,
+    sin: Tensor<3>,
+}
+
+impl Model {
+    /// Builds the model from a parsed GGUF file on `device`.
+    pub fn load(g: &Gguf, device: &Device) -> Result<Self, GgufError> {
+        let c = ModelConfig::from_gguf(g)?;
+        let p = c.arch.prefix();
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let b = format!("blk.{i}");
+            blocks.push(Block {
+                attn_norm: RmsNorm::load(g, &format!("{b}.attn_norm.weight"), c.rms_eps, device)?,
+                q: Linear::load(g, &format!("{b}.attn_q"), device)?,
+                k: Linear::load(g, &format!("{b}.attn_k"), device)?,
+                v: Linear::load(g, &format!("{b}.attn_v"), device)?,
+                o: Linear::load(g, &format!("{b}.attn_output"), device)?,
+                ffn_norm: RmsNorm::load(g, &format!("{b}.ffn_norm.weight"), c.rms_eps, device)?,
+                gate: Linear::load(g, &format!("{b}.ffn_gate"), device)?,
+                up: Linear::load(g, &format!("{b}.ffn_up"), device)?,
+                down: Linear::load(g, &format!("{b}.ffn_down"), device)?,
+            });
+            let blk = &blocks[i];
+            let expect = |name: &str, m: &QMatrix, rows: usize, cols: usize| {
+                if m.rows != rows || m.cols != cols {
+                    return Err(GgufError::BadTensor {
+                        name: format!("{b}.{name}"),
+                        problem: format!("shape [{}, {}] does not match {p} config [{rows}, {cols}]", m.rows, m.cols),
+                    });
+                }
+                Ok(())
+            };
+            let (d, qd, kvd) = (c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+            expect("attn_q", &blk.q.weight, qd, d)?;
+            expect("attn_k", &blk.k.weight, kvd, d)?;
+            expect("attn_v", &blk.v.weight, kvd, d)?;
+            expect("attn_output", &blk.o.weight, d, qd)?;
+            expect("ffn_gate", &blk.gate.weight, c.ffn, d)?;
+            expect("ffn_up", &blk.up.weight, c.ffn, d)?;
+            expect("ffn_down", &blk.down.weight, d, c.ffn)?;
+        }
+        let embed = QMatrix::from_gguf(g, "token_embd.weight")?;
+        let output = match g.tensors.get("output.weight") {
+            Some(_) => QMatrix::from_gguf(g, "output.weight")?,
+            None => embed.clone(),
+        };
+        if embed.cols != c.d_model || output.cols != c.d_model || output.rows != c.vocab {
+            return Err(GgufError::BadTensor {
+                name: "token_embd.weight / output.weight".into(),
+                problem: format!("shapes do not match d_model {} and vocabulary {}", c.d_model, c.vocab),
+            });
+        }
+        let fingerprint = config::fingerprint(g, &c);
+        Ok(Model {
+            norm: RmsNorm::load(g, "output_norm.weight", c.rms_eps, device)?,
+            config: c,
+            embed: embed,
+            blocks,
+            output: output,
+            compute_device: device.clone(),
+            fingerprint: fingerprint,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.compute_device
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Runs `tokens` at positions `start..` through all layers. `ctx[l]` is layer l's shared-context KV (may be
+    /// absent); `own[l]` is the session's KV, which this call extends. Returns the logits of the last token.
+    pub(crate) fn forward(&self, tokens: &[u32], start: usize, ctx: &[Option<DeviceKv>], own: &mut [DeviceKv]) -> Vec<f32> {
+        let c = self.config();
+        let mut h = self.embed(tokens);
+        let rope = self.rope(start, tokens.len());
+        for (l, block) in self.blocks.iter().enumerate() {
+            h = self.block(block, h, &rope, ctx.get(l).and_then(|c| c.as_ref()), &mut own[l]);
+        }
+        let last = h.narrow(0, tokens.len() - 1, 1);
+        let logits = q_linear(self.norm.forward(last), &self.output, None);
+        let v = logits.into_data().try_into_vec::<f32>().expect("logits are f32");
+        debug_assert_eq!(v.len(), c.vocab);
+        v
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Tensor<2> {
+        let rows = self.embed.dequantize_rows(tokens);
+        Tensor::from_data(TensorData::new(rows, [tokens.len(), self.config().d_model]), self.device())
+    }
+
+    fn rope(&self, start: usize, n: usize) -> Rope {
+        let c = self.config();
+        let half = c.head_dim / 2;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in start..start + n {
+            for i in 0..half {
+                let freq = c.rope_theta.powf(-2.0 * i as f64 / c.head_dim as f64);
+                let a = p as f64 * freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let d = self.device();
+        Rope {
+            cos: Tensor::from_data(TensorData::new(cos, [n, 1, half]), d),
+            sin: Tensor::from_data(TensorData::new(sin, [n, 1, half]), d),
+        }
+    }
+
+    /// Rotates `x: [tokens, heads, head_dim]`.
+    fn apply_rope(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        let [t, h, d] = x.dims();
+        let half = d / 2;
+        match self.config().rope_style {
+            RopeStyle::Neox => {
+                let x1 = x.clone().narrow(2, 0, half);
+                let x2 = x.narrow(2, half, half);
+                let r1 = x1.clone() * rope.cos.clone() - x2.clone() * rope.sin.clone();
+                let r2 = x2 * rope.cos.clone() + x1 * rope.sin.clone();
+                Tensor::cat(vec![r1, r2], 2)
+            }
+            RopeStyle::Interleaved => {
+                let x = x.reshape([t, h, half, 2]);
+                let x1 = x.clone().narrow(3, 0, 1);
+                let x2 = x.narrow(3, 1, 1);
+                let cos = rope.cos.clone().unsqueeze_dim::<4>(3);
+                let sin = rope.sin.clone().unsqueeze_dim::<4>(3);
+                let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+                let r2 = x2 * cos + x1 * sin;
+                Tensor::cat(vec![r1, r2], 3).reshape([t, h, d])
+            }
+        }
+    }
+
+    fn block(&self, b: &Block, h: Tensor<2>, rope: &Rope, ctx: Option<&DeviceKv>, own: &mut DeviceKv) -> Tensor<2> {
+        let c = self.config();
+        let t = h.dims()[0];
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let g = nh / nkv;
+
+        let x = b.attn_norm.forward(h.clone());
+        let q = self.apply_rope(b.q.forward(x.clone()).reshape([t, nh, hd]), rope);
+        let k = self.apply_rope(b.k.forward(x.clone()).reshape([t, nkv, hd]), rope);
+        let v = b.v.forward(x).reshape([t, nkv, hd]);
+
+        // Group query heads by their KV head: [nkv, g·t, hd], so GQA needs no repeated keys.
+        let q = q.reshape([t, nkv, g, hd]).permute([1, 2, 0, 3]).reshape([nkv, g * t, hd]);
+        let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
+        let before = own.len();
+        own.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
+
+        let mask = (t > 1).then(|| self.causal_mask(g, t, before));
+        let mut att: Partial = attention::attend(q.clone(), own.k.clone(), own.v.clone(), mask);
+        if let Some(ctx) = ctx.filter(|c| !c.is_empty()) {
+            att = attention::merge(attention::attend(q, ctx.k.clone(), ctx.v.clone(), None), att);
+        }
+        let o = att.out.reshape([nkv, g, t, hd]).permute([2, 0, 1, 3]).reshape([t, nh * hd]);
+        let h = h + b.o.forward(o);
+
+        let x = b.ffn_norm.forward(h.clone());
+        let ff = silu(b.gate.forward(x.clone())) * b.up.forward(x);
+        h + b.down.forward(ff)
+    }
+
+    /// Additive mask `[g·t, before + t]`: query row `j·t + i` sees own keys `0..=before + i`.
+    fn causal_mask(&self, g: usize, t: usize, before: usize) -> Tensor<2> {
+        let keys = before + t;
+        let mut m = vec![0f32; g * t * keys];
+        for r in 0..g * t {
+            let i = r % t;
+            for k in before + i + 1..keys {
+                m[r * keys + k] = f32::NEG_INFINITY;
+            }
+        }
+        Tensor::from_data(TensorData::new(m, [g * t, keys]), self.device())
+    }
+}

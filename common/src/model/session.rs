@@ -1,0 +1,148 @@
+//! A generation session: the session's own KV, an optional shared-context KV segment, prefill and decode.
+
+use burn::tensor::Tensor;
+
+use super::Model;
+use crate::kv::{DeviceKv, KvError, KvState, LayerKv};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SessionError {
+    #[error("prompt of {tokens} tokens plus {used} already in the session exceeds the model's context length of {limit}")]
+    TooLong { tokens: usize, used: usize, limit: usize },
+    #[error("nothing to run: the token list is empty")]
+    Empty,
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("a shared context can only be attached before the session has tokens of its own")]
+    ContextAfterTokens,
+    #[error(transparent)]
+    Kv(#[from] KvError),
+}
+
+/// State of one conversation with a model.
+pub struct Session<'m> {
+    model: &'m Model,
+    /// Shared-context KV per layer (imported), and its token count.
+    ctx: Vec<Option<DeviceKv>>,
+    ctx_tokens: Vec<u32>,
+    ctx_positions: Vec<u32>,
+    /// The session's own KV per layer, and its tokens.
+    own: Vec<DeviceKv>,
+    own_tokens: Vec<u32>,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        let c = model.config();
+        let empty = Tensor::<3>::zeros([c.n_kv_heads, 0, c.head_dim], model.device());
+        Session {
+            model,
+            ctx: vec![None; c.n_layers],
+            ctx_tokens: Vec::new(),
+            ctx_positions: Vec::new(),
+            own: vec![DeviceKv { k: empty.clone(), v: empty }; c.n_layers],
+            own_tokens: Vec::new(),
+        }
+    }
+
+    /// Tokens in the session: shared context plus own.
+    pub fn len(&self) -> usize {
+        self.ctx_tokens.len() + self.own_tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Imports a shared-context KV (all layers, or the first of a layer-by-layer stream). Its tokens become positions
+    /// `0..n` of this session.
+    pub fn attach_context(&mut self, kv: &KvState) -> Result<(), SessionError> {
+        if !self.own_tokens.is_empty() {
+            return Err(SessionError::ContextAfterTokens);
+        }
+        let c = self.model.config();
+        if kv.model != self.model.fingerprint() {
+            return Err(KvError::WrongModel { found: kv.model.clone(), expected: self.model.fingerprint().to_string() }.into());
+        }
+        if kv.kv_heads != c.n_kv_heads || kv.head_dim != c.head_dim || kv.first_layer + kv.layers.len() > c.n_layers {
+            return Err(KvError::WrongShape {
+                found: format!("{} layers from {}, {} heads × {}", kv.layers.len(), kv.first_layer, kv.kv_heads, kv.head_dim),
+                expected: format!("{} layers, {} heads × {}", c.n_layers, c.n_kv_heads, c.head_dim),
+            }
+            .into());
+        }
+        kv.validate()?;
+        if kv.len() + 1 > c.context_length {
+            return Err(SessionError::TooLong { tokens: kv.len(), used: 0, limit: c.context_length });
+        }
+        if !self.ctx_tokens.is_empty() && (self.ctx_tokens != kv.tokens || self.ctx_positions != kv.positions) {
+            return Err(KvError::Corrupt("layers of one context must cover the same tokens".into()).into());
+        }
+        for (i, l) in kv.layers.iter().enumerate() {
+            self.ctx[kv.first_layer + i] = Some(DeviceKv::upload(l, kv.kv_heads, kv.len(), kv.head_dim, self.model.device()));
+        }
+        self.ctx_tokens = kv.tokens.clone();
+        self.ctx_positions = kv.positions.clone();
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model, extending the session; returns the next-token logits.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+        let c = self.model.config();
+        if tokens.is_empty() {
+            return Err(SessionError::Empty);
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(SessionError::BadToken { id, vocab: c.vocab });
+        }
+        if self.len() + tokens.len() > c.context_length {
+            return Err(SessionError::TooLong { tokens: tokens.len(), used: self.len(), limit: c.context_length });
+        }
+        let logits = self.model.forward(tokens, self.len(), &self.ctx, &mut self.own);
+        self.own_tokens.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// One decoding step.
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, SessionError> {
+        self.prefill(&[token])
+    }
+
+    /// The KV of everything in the session (context then own tokens), all layers.
+    pub fn export(&self) -> KvState {
+        let c = self.model.config();
+        let n = self.len();
+        let layers = (0..c.n_layers)
+            .map(|l| {
+                let own = self.own[l].download();
+                match &self.ctx[l] {
+                    None => own,
+                    Some(ctx) => {
+                        let ctx = ctx.download();
+                        let (a, b, d) = (self.ctx_tokens.len(), self.own_tokens.len(), c.head_dim);
+                        let join = |x: &[f32], y: &[f32]| {
+                            let mut out = Vec::with_capacity(c.n_kv_heads * n * d);
+                            for h in 0..c.n_kv_heads {
+                                out.extend_from_slice(&x[h * a * d..(h + 1) * a * d]);
+                                out.extend_from_slice(&y[h * b * d..(h + 1) * b * d]);
+                            }
+                            out
+                        };
+                        LayerKv { k: join(&ctx.k, &own.k), v: join(&ctx.v, &own.v) }
+                    }
+                }
+            })
+            .collect();
+        let mut positions = self.ctx_positions.clone();
+        positions.extend((self.ctx_tokens.len()..n).map(|p| p as u32));
+        KvState {
+            model: self.model.fingerprint().to_string(),
+            first_layer: 0,
+            kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            tokens: self.ctx_tokens.iter().chain(&self.own_tokens).copied().collect(),
+            positions,
+            layers,
+        }
+    }
+}

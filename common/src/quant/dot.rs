@@ -1,0 +1,209 @@
+//! Quantized mat-mul: `out[n][r] = Σ_k x[n][k] · W[r][k]` with W in GGML blocks and x quantized to 8 bits.
+//!
+//! Every weight type is dotted against the same activation format, [`Q8Act`]: blocks of 32 int8 values with an f32
+//! scale and the block's integer sum (which folds in the weights' offsets and minimums). The portable kernels in this
+//! file define the arithmetic; SIMD kernels must agree with them exactly up to f32 summation order.
+
+use super::dequant::q4k_scale_min;
+use super::{GgmlType, f16_at};
+
+/// Activation block length.
+pub const QK8: usize = 32;
+
+/// Rows of activations quantized to int8 in blocks of [`QK8`].
+#[derive(Debug, Clone, Default)]
+pub struct Q8Act {
+    pub k: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<i32>,
+}
+
+impl Q8Act {
+    /// Quantizes `x` (`rows × k`, row-major; `k` a multiple of 32).
+    pub fn quantize(x: &[f32], k: usize) -> Self {
+        assert!(k % QK8 == 0 && x.len() % k == 0, "activation length {} / row {} not in blocks of 32", x.len(), k);
+        let blocks = x.len() / QK8;
+        let mut a = Q8Act { k, qs: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks] };
+        for (b, xs) in x.chunks_exact(QK8).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (q, &v) in a.qs[b * QK8..(b + 1) * QK8].iter_mut().zip(xs) {
+                *q = (v * id).round() as i8;
+                s += *q as i32;
+            }
+            a.d[b] = d;
+            a.sum[b] = s;
+        }
+        a
+    }
+
+    pub fn rows(&self) -> usize {
+        self.qs.len().checked_div(self.k).unwrap_or(0)
+    }
+
+    /// One row's blocks.
+    pub fn row(&self, n: usize) -> ActRow<'_> {
+        let nb = self.k / QK8;
+        ActRow { qs: &self.qs[n * self.k..(n + 1) * self.k], d: &self.d[n * nb..(n + 1) * nb], sum: &self.sum[n * nb..(n + 1) * nb] }
+    }
+}
+
+/// A borrowed row of a [`Q8Act`].
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub sum: &'a [i32],
+}
+
+/// Computes `out = x · Wᵀ` for `x: [n, k]` (f32) and `w: [rows, k]` in GGML type `ty`, using all worker threads.
+///
+/// `out` is `[n, rows]`. Float weights (F32/F16) are dotted in f32; quantized weights against 8-bit activations.
+pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mut [f32]) {
+    let n = x.len() / k;
+    assert_eq!(w.len(), rows * ty.row_bytes(k), "weight bytes do not match [{rows}, {k}] of {ty:?}");
+    assert_eq!(out.len(), n * rows);
+    let row_bytes = ty.row_bytes(k);
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let mut wrow = vec![0f32; k];
+            for r in 0..rows {
+                super::dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
+                for i in 0..n {
+                    out[i * rows + r] = x[i * k..(i + 1) * k].iter().zip(&wrow).map(|(a, b)| a * b).sum();
+                }
+            }
+        }
+        _ => {
+            let act = Q8Act::quantize(x, k);
+            let kernel = pick_kernel(ty);
+            crate::parallel::for_each_chunk(out_rows_view(out, n, rows), |r0, r1, sink| {
+                for r in r0..r1 {
+                    let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
+                    for i in 0..n {
+                        sink(i, r, kernel(wrow, act.row(i)));
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The portable reference for [`matmul`] on quantized weights: one thread, no SIMD.
+pub fn matmul_scalar(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mut [f32]) {
+    let act = Q8Act::quantize(x, k);
+    let row_bytes = ty.row_bytes(k);
+    for i in 0..act.rows() {
+        for r in 0..rows {
+            out[i * rows + r] = dot_scalar(ty, &w[r * row_bytes..(r + 1) * row_bytes], act.row(i));
+        }
+    }
+}
+
+fn out_rows_view(out: &mut [f32], n: usize, rows: usize) -> crate::parallel::OutMatrix<'_> {
+    crate::parallel::OutMatrix::new(out, n, rows)
+}
+
+type DotFn = fn(&[u8], ActRow<'_>) -> f32;
+
+fn pick_kernel(ty: GgmlType) -> DotFn {
+    match ty {
+        GgmlType::Q4_0 => |w, a| dot_scalar(GgmlType::Q4_0, w, a),
+        GgmlType::Q4_1 => |w, a| dot_scalar(GgmlType::Q4_1, w, a),
+        GgmlType::Q5_0 => |w, a| dot_scalar(GgmlType::Q5_0, w, a),
+        GgmlType::Q8_0 => |w, a| dot_scalar(GgmlType::Q8_0, w, a),
+        GgmlType::Q4K => |w, a| dot_scalar(GgmlType::Q4K, w, a),
+        GgmlType::Q6K => |w, a| dot_scalar(GgmlType::Q6K, w, a),
+        other => panic!("no mat-mul kernel for {other:?}"),
+    }
+}
+
+/// Portable dot product of one weight row with one activation row.
+pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            for (b, blk) in w.chunks_exact(bb).enumerate() {
+                let d = f16_at(blk, 0);
+                let qs = if ty == GgmlType::Q4_1 { &blk[4..20] } else { &blk[2..18] };
+                let aq = &a.qs[b * 32..b * 32 + 32];
+                let mut s = 0i32;
+                for j in 0..16 {
+                    s += (qs[j] & 0xf) as i32 * aq[j] as i32 + (qs[j] >> 4) as i32 * aq[j + 16] as i32;
+                }
+                acc += if ty == GgmlType::Q4_1 {
+                    d * a.d[b] * s as f32 + f16_at(blk, 2) * a.d[b] * a.sum[b] as f32
+                } else {
+                    d * a.d[b] * (s - 8 * a.sum[b]) as f32
+                };
+            }
+        }
+        GgmlType::Q5_0 => {
+            for (b, blk) in w.chunks_exact(bb).enumerate() {
+                let d = f16_at(blk, 0);
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let qs = &blk[6..22];
+                let aq = &a.qs[b * 32..b * 32 + 32];
+                let mut s = 0i32;
+                for j in 0..16 {
+                    let lo = (qs[j] & 0xf) as u32 | (((qh >> j) & 1) << 4);
+                    let hi = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+                    s += lo as i32 * aq[j] as i32 + hi as i32 * aq[j + 16] as i32;
+                }
+                acc += d * a.d[b] * (s - 16 * a.sum[b]) as f32;
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (b, blk) in w.chunks_exact(bb).enumerate() {
+                let aq = &a.qs[b * 32..b * 32 + 32];
+                let s: i32 = blk[2..34].iter().zip(aq).map(|(&q, &x)| q as i8 as i32 * x as i32).sum();
+                acc += f16_at(blk, 0) * a.d[b] * s as f32;
+            }
+        }
+        GgmlType::Q4K => {
+            for (sb, blk) in w.chunks_exact(bb).enumerate() {
+                let d = f16_at(blk, 0);
+                let dmin = f16_at(blk, 2);
+                let scales = &blk[4..16];
+                let qs = &blk[16..144];
+                for j in 0..4 {
+                    let q = &qs[32 * j..32 * j + 32];
+                    for (h, shift) in [(0, 0), (1, 4)] {
+                        let g = 2 * j + h; // 32-element group within the super-block
+                        let ab = sb * 8 + g;
+                        let (sc, m) = q4k_scale_min(g, scales);
+                        let aq = &a.qs[ab * 32..ab * 32 + 32];
+                        let s: i32 = q.iter().zip(aq).map(|(&q, &x)| ((q >> shift) & 0xf) as i32 * x as i32).sum();
+                        acc += a.d[ab] * (d * sc as f32 * s as f32 - dmin * m as f32 * a.sum[ab] as f32);
+                    }
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for (sb, blk) in w.chunks_exact(bb).enumerate() {
+                let d = f16_at(blk, 208);
+                for g in 0..8 {
+                    let (half, part) = (g / 4, g % 4);
+                    let ql = &blk[64 * half + 32 * (part & 1)..][..32];
+                    let qh = &blk[128 + 32 * half..][..32];
+                    let ab = sb * 8 + g;
+                    let aq = &a.qs[ab * 32..ab * 32 + 32];
+                    let mut s = [0i32; 2];
+                    for l in 0..32 {
+                        let lo = if part < 2 { ql[l] & 0xf } else { ql[l] >> 4 };
+                        let q = (lo | (((qh[l] >> (2 * part)) & 3) << 4)) as i32 - 32;
+                        s[l / 16] += q * aq[l] as i32;
+                    }
+                    let sc = &blk[192 + 8 * half + 2 * part..];
+                    acc += d * a.d[ab] * ((sc[0] as i8) as i32 * s[0] + (sc[1] as i8) as i32 * s[1]) as f32;
+                }
+            }
+        }
+        other => panic!("no mat-mul kernel for {other:?}"),
+    }
+    acc
+}

@@ -1,0 +1,1 @@
+pub use tandem_common as common;

@@ -1,0 +1,52 @@
+# tandem — every command a user needs. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := `command -v python3 || command -v python`
+# Build outputs and models live outside the clone by default (shared between clones and CI runs).
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target")
+tandem := CARGO_TARGET_DIR / "release/tandem"
+
+default:
+    @just --list
+
+# Fetch and verify all model weights (or name some: `just models smollm2 qwen-0.5b`).
+models *names:
+    {{python}} scripts/fetch_models.py {{names}}
+
+# List the model cache.
+models-list:
+    {{python}} scripts/fetch_models.py --list
+
+# Build everything native, optimised.
+build:
+    cargo build --release --workspace
+
+# The main job: fetch the small model and generate a chat reply with it on this machine.
+demo prompt="Write a haiku about sharing work between a cloud and a small device.": (models "smollm2") build
+    {{tandem}} generate --model smollm2 --prompt "{{prompt}}" --max-tokens 96
+
+# Generate with any model: `just generate qwen-0.5b "your prompt"`.
+generate model prompt *args: build
+    {{tandem}} generate --model {{model}} --prompt "{{prompt}}" {{args}}
+
+# All tests (fetches the two models the tests use first).
+test: (models "smollm2" "qwen-0.5b")
+    cargo test --release --workspace
+
+llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")
+
+# Install llama-cpp-python (a ~10-minute source build) into a venv; used only for fixtures and benchmarks.
+# AMX is left out: ggml's AMX kernels crash on these VMs.
+llamacpp:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -x "{{llamacpp_venv}}/bin/python" ] && "{{llamacpp_venv}}/bin/python" -c "import llama_cpp" 2>/dev/null; then exit 0; fi
+    {{python}} -m venv "{{llamacpp_venv}}"
+    "{{llamacpp_venv}}/bin/pip" install -q --upgrade pip
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_BMI2=ON" \
+      CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "{{llamacpp_venv}}/bin/pip" install llama-cpp-python==0.3.36 numpy
+
+# Regenerate the llama.cpp reference fixtures in tests/fixtures (not run by CI).
+fixtures: (models "smollm2" "qwen-0.5b") llamacpp
+    "{{llamacpp_venv}}/bin/python" scripts/make_fixtures.py
