@@ -37,3 +37,99 @@ pub fn merge(a: Partial, b: Partial) -> Partial {
     let total = wa.clone() + wb.clone();
     Partial { out: (a.out * wa + b.out * wb) / total.clone(), lse: m + total.log() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+    use proptest::prelude::*;
+
+    fn tensor(v: &[f32], shape: [usize; 3], dev: &Device) -> Tensor<3> {
+        Tensor::from_data(TensorData::new(v.to_vec(), shape), dev)
+    }
+
+    /// Softmax attention computed with plain loops.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], h: usize, r: usize, s: usize, d: usize) -> Vec<f32> {
+        let mut out = vec![0f32; h * r * d];
+        for hh in 0..h {
+            for i in 0..r {
+                let qi = &q[(hh * r + i) * d..][..d];
+                let scores: Vec<f32> =
+                    (0..s).map(|j| qi.iter().zip(&k[(hh * s + j) * d..][..d]).map(|(a, b)| a * b).sum()).collect();
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for j in 0..s {
+                    for c in 0..d {
+                        out[(hh * r + i) * d + c] += e[j] / z * v[(hh * s + j) * d + c];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// merge(attend(ctx), attend(own)) equals attention over the concatenated keys, for random shapes.
+        #[test]
+        fn merge_equals_concatenation(h in 1usize..4, r in 1usize..6, s1 in 1usize..9, s2 in 1usize..9, d in 1usize..17, seed in 0u64..1000) {
+            let dev = Device::flex();
+            let q = values(h * r * d, seed);
+            let (k1, v1) = (values(h * s1 * d, seed + 1), values(h * s1 * d, seed + 2));
+            let (k2, v2) = (values(h * s2 * d, seed + 3), values(h * s2 * d, seed + 4));
+            let qt = tensor(&q, [h, r, d], &dev);
+            let merged = merge(
+                attend(qt.clone(), tensor(&k1, [h, s1, d], &dev), tensor(&v1, [h, s1, d], &dev), None),
+                attend(qt, tensor(&k2, [h, s2, d], &dev), tensor(&v2, [h, s2, d], &dev), None),
+            );
+            let got = merged.out.into_data().to_vec::<f32>().unwrap();
+            let cat = |a: &[f32], b: &[f32]| -> Vec<f32> {
+                (0..h).flat_map(|hh| a[hh * s1 * d..(hh + 1) * s1 * d].iter().chain(&b[hh * s2 * d..(hh + 1) * s2 * d]).copied()).collect()
+            };
+            let want = naive(&q, &cat(&k1, &k2), &cat(&v1, &v2), h, r, s1 + s2, d);
+            for (a, b) in got.iter().zip(&want) {
+                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "merged {a} vs concatenated {b}");
+            }
+        }
+    }
+
+    /// Non-contiguous inputs (views made by swapping axes) give the same result as contiguous copies.
+    #[test]
+    fn strided_inputs_match_naive() {
+        let dev = Device::flex();
+        let (h, r, s, d) = (2, 3, 5, 4);
+        let q = values(h * r * d, 7);
+        let k = values(h * s * d, 8);
+        let v = values(h * s * d, 9);
+        // Build k and v as [s, h, d] and view them as [h, s, d].
+        let to_shd = |x: &[f32]| -> Vec<f32> {
+            let mut o = vec![0f32; x.len()];
+            for hh in 0..h {
+                for j in 0..s {
+                    for c in 0..d {
+                        o[(j * h + hh) * d + c] = x[(hh * s + j) * d + c];
+                    }
+                }
+            }
+            o
+        };
+        let kt = tensor(&to_shd(&k), [s, h, d], &dev).swap_dims(0, 1);
+        let vt = tensor(&to_shd(&v), [s, h, d], &dev).swap_dims(0, 1);
+        let got = attend(tensor(&q, [h, r, d], &dev), kt, vt, None).out.into_data().to_vec::<f32>().unwrap();
+        let want = naive(&q, &k, &v, h, r, s, d);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}

@@ -1,1 +1,80 @@
+//! Helpers shared by tandem's end-to-end tests: loading the cached models, reading llama.cpp fixtures, and writing
+//! small synthetic GGUF files.
 
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use tandem_common::engine::{Engine, default_device};
+use tandem_common::gguf::Gguf;
+use tandem_common::models;
+
+pub mod gguf_writer;
+
+/// A model from the cache, loaded once per test binary. Panics with the fetch command if it is missing.
+pub fn engine(name: &str) -> &'static Engine {
+    static SMOL: OnceLock<Engine> = OnceLock::new();
+    static QWEN05: OnceLock<Engine> = OnceLock::new();
+    static QWEN15: OnceLock<Engine> = OnceLock::new();
+    let cell = match name {
+        "smollm2" => &SMOL,
+        "qwen-0.5b" => &QWEN05,
+        "qwen-1.5b" => &QWEN15,
+        other => panic!("no test model {other}"),
+    };
+    cell.get_or_init(|| {
+        let path = models::resolve(name).unwrap_or_else(|e| panic!("{e}"));
+        Engine::open(&path, &default_device()).unwrap_or_else(|e| panic!("loading {name}: {e}"))
+    })
+}
+
+/// The parsed GGUF of a cached model.
+pub fn gguf(name: &str) -> Gguf {
+    Gguf::open(&models::resolve(name).unwrap_or_else(|e| panic!("{e}"))).expect("cached model parses")
+}
+
+/// Raw bytes of a cached model file.
+pub fn model_bytes(name: &str) -> Arc<Vec<u8>> {
+    Arc::new(std::fs::read(models::resolve(name).unwrap_or_else(|e| panic!("{e}"))).expect("readable"))
+}
+
+pub fn fixture_path(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(file)
+}
+
+#[derive(serde::Deserialize)]
+pub struct LlamaCppFixture {
+    pub model: String,
+    pub tokenize: Vec<TokenizeCase>,
+    pub greedy: Vec<GreedyRun>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct TokenizeCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GreedyRun {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub steps: Vec<GreedyStep>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GreedyStep {
+    pub top_ids: Vec<u32>,
+    pub top_logits: Vec<f32>,
+}
+
+pub fn llamacpp_fixture(model: &str) -> LlamaCppFixture {
+    let file = match model {
+        "smollm2" => "llamacpp_smollm2.json",
+        "qwen-0.5b" => "llamacpp_qwen05b.json",
+        other => panic!("no fixture for {other}"),
+    };
+    let f: LlamaCppFixture = serde_json::from_str(&std::fs::read_to_string(fixture_path(file)).expect("fixture exists"))
+        .expect("fixture parses");
+    assert_eq!(f.model, model);
+    f
+}

@@ -20,6 +20,7 @@ pub use session::{Session, SessionError};
 use crate::attention::{self, Partial};
 use crate::gguf::{Gguf, GgufError};
 use crate::kv::DeviceKv;
+use crate::quant::Precision;
 
 /// A linear layer with quantized weight and optional float bias.
 #[derive(Module, Debug)]
@@ -39,8 +40,8 @@ impl Linear {
         Ok(Linear { weight: weight, bias })
     }
 
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        q_linear(x, &self.weight, self.bias.as_ref())
+    pub fn forward(&self, x: Tensor<2>, p: Precision) -> Tensor<2> {
+        q_linear(x, &self.weight, self.bias.as_ref(), p)
     }
 }
 
@@ -176,15 +177,22 @@ impl Model {
 
     /// Runs `tokens` at positions `start..` through all layers. `ctx[l]` is layer l's shared-context KV (may be
     /// absent); `own[l]` is the session's KV, which this call extends. Returns the logits of the last token.
-    pub(crate) fn forward(&self, tokens: &[u32], start: usize, ctx: &[Option<DeviceKv>], own: &mut [DeviceKv]) -> Vec<f32> {
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        start: usize,
+        ctx: &[Option<DeviceKv>],
+        own: &mut [DeviceKv],
+        p: Precision,
+    ) -> Vec<f32> {
         let c = self.config();
         let mut h = self.embed(tokens);
         let rope = self.rope(start, tokens.len());
         for (l, block) in self.blocks.iter().enumerate() {
-            h = self.block(block, h, &rope, ctx.get(l).and_then(|c| c.as_ref()), &mut own[l]);
+            h = self.block(block, h, &rope, ctx.get(l).and_then(|c| c.as_ref()), &mut own[l], p);
         }
         let last = h.narrow(0, tokens.len() - 1, 1);
-        let logits = q_linear(self.norm.forward(last), &self.output, None);
+        let logits = q_linear(self.norm.forward(last), &self.output, None, p);
         let v = logits.into_data().try_into_vec::<f32>().expect("logits are f32");
         debug_assert_eq!(v.len(), c.vocab);
         v
@@ -240,16 +248,16 @@ impl Model {
         }
     }
 
-    fn block(&self, b: &Block, h: Tensor<2>, rope: &Rope, ctx: Option<&DeviceKv>, own: &mut DeviceKv) -> Tensor<2> {
+    fn block(&self, b: &Block, h: Tensor<2>, rope: &Rope, ctx: Option<&DeviceKv>, own: &mut DeviceKv, p: Precision) -> Tensor<2> {
         let c = self.config();
         let t = h.dims()[0];
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let g = nh / nkv;
 
         let x = b.attn_norm.forward(h.clone());
-        let q = self.apply_rope(b.q.forward(x.clone()).reshape([t, nh, hd]), rope);
-        let k = self.apply_rope(b.k.forward(x.clone()).reshape([t, nkv, hd]), rope);
-        let v = b.v.forward(x).reshape([t, nkv, hd]);
+        let q = self.apply_rope(b.q.forward(x.clone(), p).reshape([t, nh, hd]), rope);
+        let k = self.apply_rope(b.k.forward(x.clone(), p).reshape([t, nkv, hd]), rope);
+        let v = b.v.forward(x, p).reshape([t, nkv, hd]);
 
         // Group query heads by their KV head: [nkv, g·t, hd], so GQA needs no repeated keys.
         let q = q.reshape([t, nkv, g, hd]).permute([1, 2, 0, 3]).reshape([nkv, g * t, hd]);
@@ -263,11 +271,11 @@ impl Model {
             att = attention::merge(attention::attend(q, ctx.k.clone(), ctx.v.clone(), None), att);
         }
         let o = att.out.reshape([nkv, g, t, hd]).permute([2, 0, 1, 3]).reshape([t, nh * hd]);
-        let h = h + b.o.forward(o);
+        let h = h + b.o.forward(o, p);
 
         let x = b.ffn_norm.forward(h.clone());
-        let ff = silu(b.gate.forward(x.clone())) * b.up.forward(x);
-        h + b.down.forward(ff)
+        let ff = silu(b.gate.forward(x.clone(), p)) * b.up.forward(x, p);
+        h + b.down.forward(ff, p)
     }
 
     /// Additive mask `[g·t, before + t]`: query row `j·t + i` sees own keys `0..=before + i`.

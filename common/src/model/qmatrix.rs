@@ -12,7 +12,7 @@ use burn::backend::{Backend, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use crate::quant::{self, GgmlType};
+use crate::quant::{self, GgmlType, Precision};
 
 /// A 2-D weight `[rows, cols]` (GGML `dims = [cols, rows]`), kept in its GGUF blocks.
 #[derive(Clone)]
@@ -97,7 +97,8 @@ pub trait QuantOps: Backend {
     /// `x: [n, cols]` times the transpose of `w: [rows, cols]`, giving `[n, rows]`.
     ///
     /// The default body dequantizes `w` on the host and uses the backend's float matmul.
-    fn q_matmul(x: FloatTensor<Self>, w: QMatrix) -> FloatTensor<Self> {
+    fn q_matmul(x: FloatTensor<Self>, w: QMatrix, precision: Precision) -> FloatTensor<Self> {
+        let _ = precision; // dequantized weights: the float matmul is exact either way
         let device = burn::backend::TensorMetadata::device(&x);
         let wt = Self::float_from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), &device);
         Self::float_matmul(x, Self::float_transpose(wt))
@@ -106,14 +107,14 @@ pub trait QuantOps: Backend {
 
 #[cfg(feature = "flex")]
 impl QuantOps for burn::backend::Flex {
-    fn q_matmul(x: FloatTensor<Self>, w: QMatrix) -> FloatTensor<Self> {
+    fn q_matmul(x: FloatTensor<Self>, w: QMatrix, precision: Precision) -> FloatTensor<Self> {
         let x = if x.is_contiguous() { x } else { x.to_contiguous() };
         let dims = x.layout().shape().clone();
         let n = dims[0];
         assert_eq!(dims[1], w.cols, "q_matmul: input width {} does not match weight width {}", dims[1], w.cols);
         let xs = x.as_slice::<f32>().expect("q_matmul: input must be contiguous f32");
         let mut out = vec![0f32; n * w.rows];
-        quant::matmul(w.ty, w.bytes(), w.rows, w.cols, xs, &mut out);
+        quant::matmul(w.ty, w.bytes(), w.rows, w.cols, xs, &mut out, precision);
         burn::backend::flex::FlexTensor::from_data(TensorData::new(out, [n, w.rows]))
     }
 }
@@ -122,9 +123,9 @@ impl QuantOps for burn::backend::Flex {
 impl QuantOps for burn::backend::Cube {}
 
 /// `x · Wᵀ (+ bias)` for `x: [n, cols]`.
-pub fn q_linear(x: Tensor<2>, w: &QMatrix, bias: Option<&Tensor<1>>) -> Tensor<2> {
+pub fn q_linear(x: Tensor<2>, w: &QMatrix, bias: Option<&Tensor<1>>, precision: Precision) -> Tensor<2> {
     use burn::backend::Dispatch;
-    let y = Tensor::<2>::from_dispatch(<Dispatch as QuantOps>::q_matmul(x.into_dispatch(), w.clone()));
+    let y = Tensor::<2>::from_dispatch(<Dispatch as QuantOps>::q_matmul(x.into_dispatch(), w.clone(), precision));
     match bias {
         Some(b) => y + b.clone().unsqueeze_dim(0),
         None => y,

@@ -4,6 +4,7 @@ use burn::tensor::Tensor;
 
 use super::Model;
 use crate::kv::{DeviceKv, KvError, KvState, LayerKv};
+use crate::quant::Precision;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SessionError {
@@ -29,6 +30,7 @@ pub struct Session<'m> {
     /// The session's own KV per layer, and its tokens.
     own: Vec<DeviceKv>,
     own_tokens: Vec<u32>,
+    precision: Precision,
 }
 
 impl<'m> Session<'m> {
@@ -42,7 +44,13 @@ impl<'m> Session<'m> {
             ctx_positions: Vec::new(),
             own: vec![DeviceKv { k: empty.clone(), v: empty }; c.n_layers],
             own_tokens: Vec::new(),
+            precision: Precision::default(),
         }
+    }
+
+    /// Chooses the mat-mul precision for this session's computations (default: 8-bit activations).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// Tokens in the session: shared context plus own.
@@ -98,7 +106,7 @@ impl<'m> Session<'m> {
         if self.len() + tokens.len() > c.context_length {
             return Err(SessionError::TooLong { tokens: tokens.len(), used: self.len(), limit: c.context_length });
         }
-        let logits = self.model.forward(tokens, self.len(), &self.ctx, &mut self.own);
+        let logits = self.model.forward(tokens, self.len(), &self.ctx, &mut self.own, self.precision);
         self.own_tokens.extend_from_slice(tokens);
         Ok(logits)
     }

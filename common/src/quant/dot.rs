@@ -59,23 +59,37 @@ pub struct ActRow<'a> {
     pub sum: &'a [i32],
 }
 
+/// How a quantized mat-mul treats its activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Precision {
+    /// Activations quantized to 8 bits, integer dot products: the fast path (as llama.cpp).
+    #[default]
+    Q8,
+    /// Weights dequantized to f32 and dotted with f32 activations: slow, but free of activation rounding, so
+    /// results depend only continuously on the inputs (reference runs, exactness tests).
+    F32,
+}
+
 /// Computes `out = x · Wᵀ` for `x: [n, k]` (f32) and `w: [rows, k]` in GGML type `ty`, using all worker threads.
 ///
-/// `out` is `[n, rows]`. Float weights (F32/F16) are dotted in f32; quantized weights against 8-bit activations.
-pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mut [f32]) {
+/// `out` is `[n, rows]`. Float weights (F32/F16) are always dotted in f32; quantized weights per `precision`.
+pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mut [f32], precision: Precision) {
     let n = x.len() / k;
     assert_eq!(w.len(), rows * ty.row_bytes(k), "weight bytes do not match [{rows}, {k}] of {ty:?}");
     assert_eq!(out.len(), n * rows);
     let row_bytes = ty.row_bytes(k);
+    let float_weights = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-            let mut wrow = vec![0f32; k];
-            for r in 0..rows {
-                super::dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
-                for i in 0..n {
-                    out[i * rows + r] = x[i * k..(i + 1) * k].iter().zip(&wrow).map(|(a, b)| a * b).sum();
+        _ if float_weights || precision == Precision::F32 => {
+            crate::parallel::for_each_chunk(out_rows_view(out, n, rows), |r0, r1, sink| {
+                let mut wrow = vec![0f32; k];
+                for r in r0..r1 {
+                    super::dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
+                    for i in 0..n {
+                        sink(i, r, x[i * k..(i + 1) * k].iter().zip(&wrow).map(|(a, b)| a * b).sum());
+                    }
                 }
-            }
+            });
         }
         _ => {
             let act = Q8Act::quantize(x, k);

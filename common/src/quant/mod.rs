@@ -8,7 +8,7 @@ mod dequant;
 mod dot;
 
 pub use dequant::dequantize_row;
-pub use dot::{Q8Act, QK8, matmul, matmul_scalar};
+pub use dot::{Precision, Q8Act, QK8, matmul, matmul_scalar};
 
 /// The GGML tensor types this project knows, by their GGUF type id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
