@@ -124,6 +124,10 @@ fn out_rows_view(out: &mut [f32], n: usize, rows: usize) -> crate::parallel::Out
 type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 
 fn pick_kernel(ty: GgmlType) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = super::x86::kernel(ty) {
+        return k;
+    }
     match ty {
         GgmlType::Q4_0 => |w, a| dot_scalar(GgmlType::Q4_0, w, a),
         GgmlType::Q4_1 => |w, a| dot_scalar(GgmlType::Q4_1, w, a),
@@ -220,4 +224,87 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
         other => panic!("no mat-mul kernel for {other:?}"),
     }
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random but valid blocks of `ty`: random quants, f16 scales of sane size.
+    fn random_row(ty: GgmlType, k: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut row: Vec<u8> = (0..ty.row_bytes(k)).map(|_| next() as u8).collect();
+        let scale = |row: &mut Vec<u8>, at: usize, v: f32| row[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        for b in 0..k / ty.block_len() {
+            let o = b * ty.block_bytes();
+            let r = (next() % 1000) as f32 / 1000.0;
+            match ty {
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => scale(&mut row, o, 0.01 + 0.02 * r),
+                GgmlType::Q4_1 => {
+                    scale(&mut row, o, 0.01 + 0.02 * r);
+                    scale(&mut row, o + 2, -0.1 * r);
+                }
+                GgmlType::Q4K => {
+                    scale(&mut row, o, 0.002 + 0.002 * r);
+                    scale(&mut row, o + 2, 0.001 * r);
+                }
+                GgmlType::Q6K => scale(&mut row, o + 208, 0.001 + 0.001 * r),
+                _ => unreachable!(),
+            }
+        }
+        row
+    }
+
+    const TYPES: [GgmlType; 6] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+
+    /// The kernel in use (SIMD where the CPU has it) agrees with the portable one, and both with f32 arithmetic on
+    /// the dequantized weights up to the activations' 8-bit rounding.
+    #[test]
+    fn kernels_agree_with_reference() {
+        let k = 512;
+        let x: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let act = Q8Act::quantize(&x, k);
+        for ty in TYPES {
+            let kernel = pick_kernel(ty);
+            for seed in 1..20u64 {
+                let w = random_row(ty, k, seed * 7919);
+                let fast = kernel(&w, act.row(0));
+                let portable = dot_scalar(ty, &w, act.row(0));
+                assert!((fast - portable).abs() <= 1e-4 * (1.0 + portable.abs()), "{ty:?}: kernel {fast} vs portable {portable}");
+                let mut deq = vec![0f32; k];
+                super::super::dequantize_row(ty, &w, &mut deq);
+                let exact: f32 = deq.iter().zip(&x).map(|(a, b)| a * b).sum();
+                let norm: f32 = deq.iter().map(|v| v.abs()).sum::<f32>() * 2.0 / 127.0;
+                assert!((portable - exact).abs() <= norm, "{ty:?}: portable {portable} vs exact {exact} (bound {norm})");
+            }
+        }
+    }
+
+    /// The threaded mat-mul fills every output of several rows, for both precisions.
+    #[test]
+    fn matmul_fills_all_outputs() {
+        let (rows, k, n) = (70, 256, 3);
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+        for ty in TYPES {
+            let w: Vec<u8> = (0..rows).flat_map(|r| random_row(ty, k, r as u64 + 11)).collect();
+            let mut fast = vec![f32::NAN; n * rows];
+            matmul(ty, &w, rows, k, &x, &mut fast, Precision::Q8);
+            let mut slow = vec![0f32; n * rows];
+            matmul_scalar(ty, &w, rows, k, &x, &mut slow);
+            let mut exact = vec![f32::NAN; n * rows];
+            matmul(ty, &w, rows, k, &x, &mut exact, Precision::F32);
+            let scale = exact.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for i in 0..n * rows {
+                assert!((fast[i] - slow[i]).abs() <= 1e-4 * (1.0 + slow[i].abs()), "{ty:?} [{i}]: {} vs {}", fast[i], slow[i]);
+                let d = (exact[i] - slow[i]).abs();
+                assert!(d <= 0.02 * scale, "{ty:?} [{i}]: f32 {} vs 8-bit {} (scale {scale})", exact[i], slow[i]);
+            }
+        }
+    }
 }

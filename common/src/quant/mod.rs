@@ -6,6 +6,8 @@
 
 mod dequant;
 mod dot;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use dequant::dequantize_row;
 pub use dot::{Precision, Q8Act, QK8, matmul, matmul_scalar};
