@@ -29,8 +29,11 @@ impl<'a> OutMatrix<'a> {
     }
 }
 
-/// Rows per work item: large enough to amortise scheduling, small enough to balance two to sixteen cores.
-const CHUNK_ROWS: usize = 32;
+/// Work items per thread: a few, so threads that start late still balance, each a long contiguous run of rows
+/// (hardware prefetch works best on long sequential reads, and every hand-off costs a wake-up).
+const CHUNKS_PER_THREAD: usize = 4;
+/// Fewest rows worth handing to another thread.
+const MIN_CHUNK_ROWS: usize = 16;
 
 /// Runs `f(r0, r1, sink)` over disjoint row ranges covering `0..rows`, in parallel where threads exist;
 /// `sink(i, r, value)` stores output `[i, r]` for rows in the worker's own range.
@@ -39,9 +42,14 @@ where
     F: Fn(usize, usize, &dyn Fn(usize, usize, f32)) + Sync,
 {
     let rows = out.rows;
-    let chunks = rows.div_ceil(CHUNK_ROWS);
+    #[cfg(not(target_arch = "wasm32"))]
+    let threads = rayon::current_num_threads();
+    #[cfg(target_arch = "wasm32")]
+    let threads = 1;
+    let chunk_rows = rows.div_ceil(threads * CHUNKS_PER_THREAD).max(MIN_CHUNK_ROWS);
+    let chunks = rows.div_ceil(chunk_rows);
     let run = |c: usize| {
-        let (r0, r1) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(rows));
+        let (r0, r1) = (c * chunk_rows, ((c + 1) * chunk_rows).min(rows));
         f(r0, r1, &|i, r, v| {
             assert!((r0..r1).contains(&r), "worker wrote outside its rows");
             out.set(i, r, v)
