@@ -50,3 +50,10 @@ llamacpp:
 # Regenerate the llama.cpp reference fixtures in tests/fixtures (not run by CI).
 fixtures: (models "smollm2" "qwen-0.5b") llamacpp
     "{{llamacpp_venv}}/bin/python" scripts/make_fixtures.py
+
+# Decode and prefill speed of tandem vs llama.cpp side by side, and peak memory (installs llama-cpp-python once).
+bench-decode: (models "smollm2" "qwen-0.5b") llamacpp
+    cargo run --release -p tandem-tests --bin bench-decode -- --llamacpp-python "{{llamacpp_venv}}/bin/python"
+
+# Every benchmark.
+bench: bench-decode
