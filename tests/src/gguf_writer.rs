@@ -16,28 +16,10 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
 }
 
 impl GgufWriter {
-    pub fn string(mut self, key: &str, v: &str) -> Self {
-        put_str(&mut self.kvs, key);
-        self.kvs.extend_from_slice(&8u32.to_le_bytes());
-        put_str(&mut self.kvs, v);
-        self.n_kv += 1;
-        self
-    }
-
-    pub fn u32(mut self, key: &str, v: u32) -> Self {
-        put_str(&mut self.kvs, key);
-        self.kvs.extend_from_slice(&4u32.to_le_bytes());
-        self.kvs.extend_from_slice(&v.to_le_bytes());
-        self.n_kv += 1;
-        self
-    }
-
-    pub fn f32(mut self, key: &str, v: f32) -> Self {
-        put_str(&mut self.kvs, key);
-        self.kvs.extend_from_slice(&6u32.to_le_bytes());
-        self.kvs.extend_from_slice(&v.to_le_bytes());
-        self.n_kv += 1;
-        self
+    pub fn string(self, key: &str, v: &str) -> Self {
+        let mut payload = Vec::new();
+        put_str(&mut payload, v);
+        self.raw_kv(key, 8, &payload)
     }
 
     /// A raw metadata entry with an arbitrary type id and payload.

@@ -7,9 +7,11 @@
 use tandem_common::sample::argmax;
 use tandem_tests::{engine, llamacpp_fixture};
 
-/// Largest allowed difference of a top-5 logit between tandem and llama.cpp. Measured: up to 0.84 over these runs;
-/// llama.cpp itself differs from exact f32 arithmetic by up to 0.87 here (8-bit activations, f16 KV cache).
-const LOGIT_TOL: f32 = 1.0;
+/// Allowed difference of a top-5 logit between tandem and llama.cpp: `ABS + REL·|logit|`. Both round activations to
+/// 8 bits (in different block sizes) and llama.cpp keeps its KV cache in f16, so their errors add up: llama.cpp alone
+/// differs from exact f32 arithmetic by up to 0.87 on these runs, and the difference grows with the logit's size.
+const LOGIT_TOL_ABS: f32 = 0.6;
+const LOGIT_TOL_REL: f32 = 0.04;
 /// A greedy choice may differ from llama.cpp's only where llama.cpp's top-2 logit gap is below this.
 const NEAR_TIE: f32 = 0.25;
 
@@ -32,7 +34,7 @@ fn tokenization_matches(model: &str) {
 fn greedy_matches(model: &str) {
     let e = engine(model);
     let f = llamacpp_fixture(model);
-    let (mut steps, mut exact, mut max_diff, mut equal_runs) = (0, 0, 0f32, 0);
+    let (mut steps, mut exact, mut max_diff, mut max_ratio, mut equal_runs) = (0, 0, 0f32, 0f32, 0);
     for run in &f.greedy {
         let mut s = e.session();
         let mut logits = s.prefill(&run.prompt_ids).unwrap();
@@ -40,7 +42,8 @@ fn greedy_matches(model: &str) {
             for (&id, &l) in step.top_ids.iter().zip(&step.top_logits) {
                 let d = (logits[id as usize] - l).abs();
                 max_diff = max_diff.max(d);
-                assert!(d <= LOGIT_TOL, "{model} {:?} step {i}: logit of token {id} is {} here, {l} in llama.cpp", run.prompt, logits[id as usize]);
+                max_ratio = max_ratio.max(d / (LOGIT_TOL_ABS + LOGIT_TOL_REL * l.abs()));
+                assert!(d <= LOGIT_TOL_ABS + LOGIT_TOL_REL * l.abs(), "{model} {:?} step {i}: logit of token {id} is {} here, {l} in llama.cpp", run.prompt, logits[id as usize]);
             }
             let ours = argmax(&logits);
             steps += 1;
@@ -75,8 +78,9 @@ fn greedy_matches(model: &str) {
         equal_runs += usize::from(!diverged);
     }
     eprintln!(
-        "{model}: {exact}/{steps} teacher-forced greedy steps equal llama.cpp's, max top-5 logit difference {max_diff:.4}; \
+        "{model}: {exact}/{steps} teacher-forced greedy steps equal llama.cpp's, max top-5 logit difference {max_diff:.4} ({:.0}% of its tolerance); \
          {equal_runs}/{} free-running 32-token continuations identical",
+        max_ratio * 100.0,
         f.greedy.len()
     );
     assert!(equal_runs * 3 >= f.greedy.len(), "{model}: only {equal_runs} continuations identical to llama.cpp's");

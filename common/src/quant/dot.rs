@@ -6,6 +6,7 @@
 
 use super::dequant::q4k_scale_min;
 use super::{GgmlType, f16_at};
+use crate::parallel::OutMatrix;
 
 /// Activation block length.
 pub const QK8: usize = 32;
@@ -81,7 +82,7 @@ pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mu
     let float_weights = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     match ty {
         _ if float_weights || precision == Precision::F32 => {
-            crate::parallel::for_each_chunk(out_rows_view(out, n, rows), |r0, r1, sink| {
+            crate::parallel::for_each_chunk(OutMatrix::new(out, n, rows), |r0, r1, sink| {
                 let mut wrow = vec![0f32; k];
                 for r in r0..r1 {
                     super::dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
@@ -94,7 +95,7 @@ pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mu
         _ => {
             let act = Q8Act::quantize(x, k);
             let kernel = pick_kernel(ty);
-            crate::parallel::for_each_chunk(out_rows_view(out, n, rows), |r0, r1, sink| {
+            crate::parallel::for_each_chunk(OutMatrix::new(out, n, rows), |r0, r1, sink| {
                 for r in r0..r1 {
                     let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
                     for i in 0..n {
@@ -115,10 +116,6 @@ pub fn matmul_scalar(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], o
             out[i * rows + r] = dot_scalar(ty, &w[r * row_bytes..(r + 1) * row_bytes], act.row(i));
         }
     }
-}
-
-fn out_rows_view(out: &mut [f32], n: usize, rows: usize) -> crate::parallel::OutMatrix<'_> {
-    crate::parallel::OutMatrix::new(out, n, rows)
 }
 
 type DotFn = fn(&[u8], ActRow<'_>) -> f32;
