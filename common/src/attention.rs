@@ -93,7 +93,7 @@ mod tests {
                 attend(qt.clone(), tensor(&k1, [h, s1, d], &dev), tensor(&v1, [h, s1, d], &dev), None),
                 attend(qt, tensor(&k2, [h, s2, d], &dev), tensor(&v2, [h, s2, d], &dev), None),
             );
-            let got = merged.out.into_data().to_vec::<f32>().unwrap();
+            let got = merged.out.into_data().try_to_vec::<f32>().unwrap();
             let cat = |a: &[f32], b: &[f32]| -> Vec<f32> {
                 (0..h).flat_map(|hh| a[hh * s1 * d..(hh + 1) * s1 * d].iter().chain(&b[hh * s2 * d..(hh + 1) * s2 * d]).copied()).collect()
             };
@@ -126,7 +126,7 @@ mod tests {
         };
         let kt = tensor(&to_shd(&k), [s, h, d], &dev).swap_dims(0, 1);
         let vt = tensor(&to_shd(&v), [s, h, d], &dev).swap_dims(0, 1);
-        let got = attend(tensor(&q, [h, r, d], &dev), kt, vt, None).out.into_data().to_vec::<f32>().unwrap();
+        let got = attend(tensor(&q, [h, r, d], &dev), kt, vt, None).out.into_data().try_to_vec::<f32>().unwrap();
         let want = naive(&q, &k, &v, h, r, s, d);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
