@@ -26,7 +26,10 @@ pub fn attend(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, mask: Option<Tensor<2>>)
     let e = (scores - max.clone()).exp();
     let sum = e.clone().sum_dim(2);
     let out = e.matmul(v) / sum.clone();
-    Partial { out, lse: max + sum.log() }
+    Partial {
+        out,
+        lse: max + sum.log(),
+    }
 }
 
 /// Combines two segments' partial attentions into attention over both.
@@ -35,7 +38,10 @@ pub fn merge(a: Partial, b: Partial) -> Partial {
     let wa = (a.lse - m.clone()).exp();
     let wb = (b.lse - m.clone()).exp();
     let total = wa.clone() + wb.clone();
-    Partial { out: (a.out * wa + b.out * wb) / total.clone(), lse: m + total.log() }
+    Partial {
+        out: (a.out * wa + b.out * wb) / total.clone(),
+        lse: m + total.log(),
+    }
 }
 
 #[cfg(test)]
@@ -54,8 +60,14 @@ mod tests {
         for hh in 0..h {
             for i in 0..r {
                 let qi = &q[(hh * r + i) * d..][..d];
-                let scores: Vec<f32> =
-                    (0..s).map(|j| qi.iter().zip(&k[(hh * s + j) * d..][..d]).map(|(a, b)| a * b).sum()).collect();
+                let scores: Vec<f32> = (0..s)
+                    .map(|j| {
+                        qi.iter()
+                            .zip(&k[(hh * s + j) * d..][..d])
+                            .map(|(a, b)| a * b)
+                            .sum()
+                    })
+                    .collect();
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
                 let z: f32 = e.iter().sum();
@@ -70,10 +82,14 @@ mod tests {
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
             })
             .collect()
@@ -126,7 +142,11 @@ mod tests {
         };
         let kt = tensor(&to_shd(&k), [s, h, d], &dev).swap_dims(0, 1);
         let vt = tensor(&to_shd(&v), [s, h, d], &dev).swap_dims(0, 1);
-        let got = attend(tensor(&q, [h, r, d], &dev), kt, vt, None).out.into_data().try_to_vec::<f32>().unwrap();
+        let got = attend(tensor(&q, [h, r, d], &dev), kt, vt, None)
+            .out
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let want = naive(&q, &k, &v, h, r, s, d);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");

@@ -37,7 +37,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true }
+        GenerateOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+        }
     }
 }
 
@@ -65,7 +69,10 @@ impl GenerateStats {
 
 impl Engine {
     pub fn load(g: &Gguf, device: &Device) -> Result<Self, EngineError> {
-        Ok(Engine { model: Model::load(g, device)?, tokenizer: Tokenizer::from_gguf(g)? })
+        Ok(Engine {
+            model: Model::load(g, device)?,
+            tokenizer: Tokenizer::from_gguf(g)?,
+        })
     }
 
     /// Loads a GGUF file from disk.
@@ -98,7 +105,10 @@ impl Engine {
         let mut stream = TextStream::new(&self.tokenizer);
         let mut logits = session.prefill(prompt)?;
         let mut out = Vec::new();
-        let mut stats = GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
+        let mut stats = GenerateStats {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
         let mut t_first = None;
         while out.len() < opts.max_tokens {
             let id = sampler.sample(&logits);
@@ -111,7 +121,9 @@ impl Engine {
                 break;
             }
             on_token(id, &stream.push(id)?);
-            if out.len() == opts.max_tokens || session.len() + 1 > self.model.config().context_length {
+            if out.len() == opts.max_tokens
+                || session.len() + 1 > self.model.config().context_length
+            {
                 break;
             }
             logits = session.decode(id)?;

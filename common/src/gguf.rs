@@ -18,8 +18,15 @@ pub enum GgufError {
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
-    #[error("GGUF file is truncated: {what} at byte {offset} needs {needed} bytes, only {available} remain")]
-    Truncated { what: String, offset: u64, needed: u64, available: u64 },
+    #[error(
+        "GGUF file is truncated: {what} at byte {offset} needs {needed} bytes, only {available} remain"
+    )]
+    Truncated {
+        what: String,
+        offset: u64,
+        needed: u64,
+        available: u64,
+    },
     #[error("GGUF metadata key {key:?} has unknown value type {ty}")]
     BadValueType { key: String, ty: u32 },
     #[error("GGUF string at byte {offset} is not valid UTF-8")]
@@ -29,7 +36,11 @@ pub enum GgufError {
     #[error("GGUF metadata key {0:?} is missing")]
     MissingKey(String),
     #[error("GGUF metadata key {key:?} has type {found}, expected {expected}")]
-    WrongType { key: String, found: &'static str, expected: &'static str },
+    WrongType {
+        key: String,
+        found: &'static str,
+        expected: &'static str,
+    },
     #[error("GGUF tensor {0:?} is missing")]
     MissingTensor(String),
     #[error("reading GGUF file: {0}")]
@@ -143,7 +154,12 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
         let available = (self.buf.len() - self.pos) as u64;
         if n > available {
-            return Err(GgufError::Truncated { what: what(), offset: self.pos as u64, needed: n, available });
+            return Err(GgufError::Truncated {
+                what: what(),
+                offset: self.pos as u64,
+                needed: n,
+                available,
+            });
         }
         let s = &self.buf[self.pos..self.pos + n as usize];
         self.pos += n as usize;
@@ -151,7 +167,10 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N]> {
-        Ok(self.take(N as u64, what)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N as u64, what)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
 
     fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32> {
@@ -204,7 +223,12 @@ impl<'a> Reader<'a> {
             10 => Value::U64(u64::from_le_bytes(self.array(&what)?)),
             11 => Value::I64(i64::from_le_bytes(self.array(&what)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(&what)?)),
-            _ => return Err(GgufError::BadValueType { key: key.to_string(), ty }),
+            _ => {
+                return Err(GgufError::BadValueType {
+                    key: key.to_string(),
+                    ty,
+                });
+            }
         })
     }
 }
@@ -249,7 +273,10 @@ impl Gguf {
             let what = || format!("header of tensor {name:?}");
             let n_dims = r.u32(&what)?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(GgufError::BadTensor { name, problem: format!("{n_dims} dimensions (1 to 4 allowed)") });
+                return Err(GgufError::BadTensor {
+                    name,
+                    problem: format!("{n_dims} dimensions (1 to 4 allowed)"),
+                });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -257,8 +284,10 @@ impl Gguf {
             }
             let raw_ty = r.u32(&what)?;
             let offset = r.u64(&what)?;
-            let ty = GgmlType::from_u32(raw_ty)
-                .ok_or_else(|| GgufError::BadTensor { name: name.clone(), problem: format!("unknown type id {raw_ty}") })?;
+            let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| GgufError::BadTensor {
+                name: name.clone(),
+                problem: format!("unknown type id {raw_ty}"),
+            })?;
             infos.push((name, dims, ty, offset));
         }
 
@@ -279,14 +308,24 @@ impl Gguf {
 
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, rel) in infos {
-            let bad = |problem: String| GgufError::BadTensor { name: name.clone(), problem };
+            let bad = |problem: String| GgufError::BadTensor {
+                name: name.clone(),
+                problem,
+            };
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let elements = elements.ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
             if dims[0] % ty.block_len() as u64 != 0 {
-                return Err(bad(format!("row length {} is not a multiple of {:?}'s block of {}", dims[0], ty, ty.block_len())));
+                return Err(bad(format!(
+                    "row length {} is not a multiple of {:?}'s block of {}",
+                    dims[0],
+                    ty,
+                    ty.block_len()
+                )));
             }
             let size = elements / ty.block_len() as u64 * ty.block_bytes() as u64;
-            let offset = data_start.checked_add(rel).ok_or_else(|| bad(format!("offset {rel} overflows")))?;
+            let offset = data_start
+                .checked_add(rel)
+                .ok_or_else(|| bad(format!("offset {rel} overflows")))?;
             if rel % alignment != 0 {
                 return Err(bad(format!("offset {rel} is not aligned to {alignment}")));
             }
@@ -301,36 +340,68 @@ impl Gguf {
             if tensors.contains_key(&name) {
                 return Err(bad("appears twice".into()));
             }
-            tensors.insert(name.clone(), TensorInfo { name, dims, ty, offset, size });
+            tensors.insert(
+                name.clone(),
+                TensorInfo {
+                    name,
+                    dims,
+                    ty,
+                    offset,
+                    size,
+                },
+            );
         }
-        Ok(Gguf { version, metadata, tensors, data })
+        Ok(Gguf {
+            version,
+            metadata,
+            tensors,
+            data,
+        })
     }
 
     pub fn get(&self, key: &str) -> Result<&Value> {
-        self.metadata.get(key).ok_or_else(|| GgufError::MissingKey(key.to_string()))
+        self.metadata
+            .get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.to_string()))
     }
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.get(key)?;
-        v.as_u64().ok_or_else(|| GgufError::WrongType { key: key.into(), found: v.type_name(), expected: "integer" })
+        v.as_u64().ok_or_else(|| GgufError::WrongType {
+            key: key.into(),
+            found: v.type_name(),
+            expected: "integer",
+        })
     }
 
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.get(key)?;
-        v.as_f64().ok_or_else(|| GgufError::WrongType { key: key.into(), found: v.type_name(), expected: "number" })
+        v.as_f64().ok_or_else(|| GgufError::WrongType {
+            key: key.into(),
+            found: v.type_name(),
+            expected: "number",
+        })
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         match self.get(key)? {
             Value::String(s) => Ok(s),
-            v => Err(GgufError::WrongType { key: key.into(), found: v.type_name(), expected: "string" }),
+            v => Err(GgufError::WrongType {
+                key: key.into(),
+                found: v.type_name(),
+                expected: "string",
+            }),
         }
     }
 
     pub fn get_array(&self, key: &str) -> Result<&[Value]> {
         match self.get(key)? {
             Value::Array(a) => Ok(a),
-            v => Err(GgufError::WrongType { key: key.into(), found: v.type_name(), expected: "array" }),
+            v => Err(GgufError::WrongType {
+                key: key.into(),
+                found: v.type_name(),
+                expected: "array",
+            }),
         }
     }
 
@@ -340,13 +411,19 @@ impl Gguf {
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.as_str()),
-                v => Err(GgufError::WrongType { key: key.into(), found: v.type_name(), expected: "array of strings" }),
+                v => Err(GgufError::WrongType {
+                    key: key.into(),
+                    found: v.type_name(),
+                    expected: "array of strings",
+                }),
             })
             .collect()
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensors.get(name).ok_or_else(|| GgufError::MissingTensor(name.to_string()))
+        self.tensors
+            .get(name)
+            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))
     }
 
     /// The raw (still quantized) bytes of a tensor; bounds were checked when the file was parsed.

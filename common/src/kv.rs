@@ -15,7 +15,11 @@ pub enum KvError {
     #[error("KV state shape {found} does not match the model's {expected}")]
     WrongShape { found: String, expected: String },
     #[error("KV slice {what} {range:?} is outside 0..{len}")]
-    OutOfRange { what: &'static str, range: Range<usize>, len: usize },
+    OutOfRange {
+        what: &'static str,
+        range: Range<usize>,
+        len: usize,
+    },
     #[error("KV state is corrupt: {0}")]
     Corrupt(String),
 }
@@ -55,7 +59,11 @@ impl KvState {
     /// Checks the buffers agree with the declared shape (after deserialising untrusted bytes).
     pub fn validate(&self) -> Result<(), KvError> {
         if self.positions.len() != self.tokens.len() {
-            return Err(KvError::Corrupt(format!("{} positions for {} tokens", self.positions.len(), self.tokens.len())));
+            return Err(KvError::Corrupt(format!(
+                "{} positions for {} tokens",
+                self.positions.len(),
+                self.tokens.len()
+            )));
         }
         let want = self.kv_heads * self.len() * self.head_dim;
         for (i, l) in self.layers.iter().enumerate() {
@@ -75,10 +83,18 @@ impl KvState {
     pub fn slice(&self, layers: Range<usize>, tokens: Range<usize>) -> Result<KvState, KvError> {
         let have = self.first_layer..self.first_layer + self.layers.len();
         if layers.start < have.start || layers.end > have.end || layers.start > layers.end {
-            return Err(KvError::OutOfRange { what: "layers", range: layers, len: have.end });
+            return Err(KvError::OutOfRange {
+                what: "layers",
+                range: layers,
+                len: have.end,
+            });
         }
         if tokens.start > tokens.end || tokens.end > self.len() {
-            return Err(KvError::OutOfRange { what: "tokens", range: tokens, len: self.len() });
+            return Err(KvError::OutOfRange {
+                what: "tokens",
+                range: tokens,
+                len: self.len(),
+            });
         }
         let (t, n, d) = (self.len(), tokens.len(), self.head_dim);
         let cut = |x: &[f32]| -> Vec<f32> {
@@ -97,7 +113,10 @@ impl KvState {
             positions: self.positions[tokens.clone()].to_vec(),
             layers: self.layers[layers.start - have.start..layers.end - have.start]
                 .iter()
-                .map(|l| LayerKv { k: cut(&l.k), v: cut(&l.v) })
+                .map(|l| LayerKv {
+                    k: cut(&l.k),
+                    v: cut(&l.v),
+                })
                 .collect(),
         })
     }
@@ -109,7 +128,8 @@ impl KvState {
 
     /// Parses and validates postcard bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KvError> {
-        let s: KvState = postcard::from_bytes(bytes).map_err(|e| KvError::Corrupt(e.to_string()))?;
+        let s: KvState =
+            postcard::from_bytes(bytes).map_err(|e| KvError::Corrupt(e.to_string()))?;
         s.validate()?;
         Ok(s)
     }
@@ -131,7 +151,13 @@ impl DeviceKv {
         self.len() == 0
     }
 
-    pub fn upload(l: &LayerKv, kv_heads: usize, tokens: usize, head_dim: usize, device: &Device) -> Self {
+    pub fn upload(
+        l: &LayerKv,
+        kv_heads: usize,
+        tokens: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Self {
         let shape = [kv_heads, tokens, head_dim];
         DeviceKv {
             k: Tensor::from_data(TensorData::new(l.k.clone(), shape), device),
@@ -140,8 +166,15 @@ impl DeviceKv {
     }
 
     pub fn download(&self) -> LayerKv {
-        let read = |t: &Tensor<3>| t.to_data().try_into_vec::<f32>().expect("KV tensors are f32");
-        LayerKv { k: read(&self.k), v: read(&self.v) }
+        let read = |t: &Tensor<3>| {
+            t.to_data()
+                .try_into_vec::<f32>()
+                .expect("KV tensors are f32")
+        };
+        LayerKv {
+            k: read(&self.k),
+            v: read(&self.v),
+        }
     }
 
     /// Appends new keys and values along the token axis.

@@ -23,19 +23,38 @@ struct Manifest {
 pub enum ModelLookupError {
     #[error("unknown model {name:?}: use one of {known} or a path to a .gguf file")]
     Unknown { name: String, known: String },
-    #[error("model {name} is not in the cache ({path}): run `just models` (or scripts/fetch_models.py {name})")]
+    #[error(
+        "model {name} is not in the cache ({path}): run `just models` (or scripts/fetch_models.py {name})"
+    )]
     NotFetched { name: String, path: PathBuf },
-    #[error("{path}: size {found} bytes, expected {expected}: the file is truncated or not the pinned {name}")]
-    WrongSize { name: String, path: PathBuf, found: u64, expected: u64 },
+    #[error(
+        "{path}: size {found} bytes, expected {expected}: the file is truncated or not the pinned {name}"
+    )]
+    WrongSize {
+        name: String,
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
     #[error("{path}: sha256 {found}, expected {expected}: not the pinned weights of {name}")]
-    WrongHash { name: String, path: PathBuf, found: String, expected: String },
+    WrongHash {
+        name: String,
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// All pinned models.
 pub fn registry() -> Vec<ModelSpec> {
-    serde_json::from_str::<Manifest>(MANIFEST).expect("common/models.json is valid").models
+    serde_json::from_str::<Manifest>(MANIFEST)
+        .expect("common/models.json is valid")
+        .models
 }
 
 /// The model cache: `$TANDEM_MODELS`, else `~/.cache/tandem/models`.
@@ -43,7 +62,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TANDEM_MODELS") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("tandem").join("models")
 }
 
@@ -61,13 +82,28 @@ pub fn resolve(name_or_path: &str) -> Result<PathBuf, ModelLookupError> {
         return Ok(as_path.to_path_buf());
     }
     let Some(m) = spec(name_or_path) else {
-        let known = registry().iter().map(|m| m.name.clone()).collect::<Vec<_>>().join(", ");
-        return Err(ModelLookupError::Unknown { name: name_or_path.to_string(), known });
+        let known = registry()
+            .iter()
+            .map(|m| m.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ModelLookupError::Unknown {
+            name: name_or_path.to_string(),
+            known,
+        });
     };
     let path = cache_dir().join(&m.file);
-    let meta = std::fs::metadata(&path).map_err(|_| ModelLookupError::NotFetched { name: m.name.clone(), path: path.clone() })?;
+    let meta = std::fs::metadata(&path).map_err(|_| ModelLookupError::NotFetched {
+        name: m.name.clone(),
+        path: path.clone(),
+    })?;
     if meta.len() != m.size {
-        return Err(ModelLookupError::WrongSize { name: m.name, path, found: meta.len(), expected: m.size });
+        return Err(ModelLookupError::WrongSize {
+            name: m.name,
+            path,
+            found: meta.len(),
+            expected: m.size,
+        });
     }
     verify_sha256(&m, &path)?;
     Ok(path)
@@ -77,7 +113,10 @@ pub fn resolve(name_or_path: &str) -> Result<PathBuf, ModelLookupError> {
 /// matches the file as it is now, and hashing the whole file otherwise.
 pub fn verify_sha256(m: &ModelSpec, path: &Path) -> Result<(), ModelLookupError> {
     use std::io::Read;
-    let io = |source| ModelLookupError::Io { path: path.to_path_buf(), source };
+    let io = |source| ModelLookupError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     let stamp_path = path.with_file_name(format!("{}.verified", m.file));
     #[cfg(unix)]
@@ -105,7 +144,12 @@ pub fn verify_sha256(m: &ModelSpec, path: &Path) -> Result<(), ModelLookupError>
     }
     let found = format!("{:x}", h.finalize());
     if found != m.sha256 {
-        return Err(ModelLookupError::WrongHash { name: m.name.clone(), path: path.to_path_buf(), found, expected: m.sha256.clone() });
+        return Err(ModelLookupError::WrongHash {
+            name: m.name.clone(),
+            path: path.to_path_buf(),
+            found,
+            expected: m.sha256.clone(),
+        });
     }
     Ok(())
 }

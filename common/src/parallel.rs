@@ -17,7 +17,12 @@ unsafe impl Sync for OutMatrix<'_> {}
 impl<'a> OutMatrix<'a> {
     pub fn new(out: &'a mut [f32], n: usize, rows: usize) -> Self {
         assert_eq!(out.len(), n * rows);
-        OutMatrix { ptr: out.as_mut_ptr(), n, rows, _out: PhantomData }
+        OutMatrix {
+            ptr: out.as_mut_ptr(),
+            n,
+            rows,
+            _out: PhantomData,
+        }
     }
 
     /// Writes output `[i, r]`. Only the worker that owns row `r` may call this.
@@ -46,7 +51,9 @@ where
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "wasm32")]
     let threads = 1;
-    let chunk_rows = rows.div_ceil(threads * CHUNKS_PER_THREAD).max(MIN_CHUNK_ROWS);
+    let chunk_rows = rows
+        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .max(MIN_CHUNK_ROWS);
     let chunks = rows.div_ceil(chunk_rows);
     let run = |c: usize| {
         let (r0, r1) = (c * chunk_rows, ((c + 1) * chunk_rows).min(rows));

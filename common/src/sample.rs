@@ -12,7 +12,11 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -23,7 +27,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Sampler { params, rng: StdRng::seed_from_u64(params.seed) }
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -32,8 +39,11 @@ impl Sampler {
         }
         let t = self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
         probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         let total: f32 = probs.iter().map(|p| p.1).sum();
         // Keep the smallest prefix whose mass reaches top_p.

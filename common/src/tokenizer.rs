@@ -17,7 +17,8 @@ use crate::gguf::{Gguf, GgufError, Value};
 /// Qwen2's split pattern (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-2's split pattern, used after splitting digits for SmolLM (`LLAMA_VOCAB_PRE_TYPE_SMOLLM`).
-const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// GGUF token types.
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -60,22 +61,40 @@ impl Tokenizer {
         let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
         let tokens = g.get_strings("tokenizer.ggml.tokens")?;
         let types: Vec<i32> = match g.get_array("tokenizer.ggml.token_type") {
-            Ok(a) => a.iter().map(|v| if let Value::I32(t) = v { *t } else { 1 }).collect(),
+            Ok(a) => a
+                .iter()
+                .map(|v| if let Value::I32(t) = v { *t } else { 1 })
+                .collect(),
             Err(_) => vec![1; tokens.len()],
         };
         let merges = g
             .get_strings("tokenizer.ggml.merges")?
             .into_iter()
             .map(|m| {
-                let (a, b) = m.split_once(' ').ok_or_else(|| tk_err(format!("merge {m:?} has no space")))?;
+                let (a, b) = m
+                    .split_once(' ')
+                    .ok_or_else(|| tk_err(format!("merge {m:?} has no space")))?;
                 Ok((a.to_string(), b.to_string()))
             })
             .collect::<Result<Vec<_>, TokenizerError>>()?;
-        let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tk_err)?;
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tk_err)?;
 
         let split = |p: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-            Ok(Split::new(SplitPattern::Regex(p.into()), SplitDelimiterBehavior::Isolated, false).map_err(tk_err)?.into())
+            Ok(Split::new(
+                SplitPattern::Regex(p.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tk_err)?
+            .into())
         };
         let bytes = ByteLevel::new(false, false, false).into();
         let steps: Vec<PreTokenizerWrapper> = match pre {
@@ -97,14 +116,23 @@ impl Tokenizer {
         inner.add_special_tokens(&specials);
 
         let id_of = |s: &str| tokens.iter().position(|t| *t == s).map(|i| i as u32);
-        let eos = g.get_u64("tokenizer.ggml.eos_token_id").ok().map(|v| v as u32);
-        let mut stop_ids: Vec<u32> = [eos, id_of("<|im_end|>"), id_of("<|endoftext|>")].into_iter().flatten().collect();
+        let eos = g
+            .get_u64("tokenizer.ggml.eos_token_id")
+            .ok()
+            .map(|v| v as u32);
+        let mut stop_ids: Vec<u32> = [eos, id_of("<|im_end|>"), id_of("<|endoftext|>")]
+            .into_iter()
+            .flatten()
+            .collect();
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let add_bos = matches!(g.get("tokenizer.ggml.add_bos_token"), Ok(Value::Bool(true)));
         Ok(Tokenizer {
             inner,
-            bos: g.get_u64("tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
+            bos: g
+                .get_u64("tokenizer.ggml.bos_token_id")
+                .ok()
+                .map(|v| v as u32),
             add_bos,
             stop_ids,
             vocab_size: tokens.len(),
@@ -113,7 +141,12 @@ impl Tokenizer {
 
     /// Tokenizes `text`; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        Ok(self.inner.encode_fast(text, false).map_err(tk_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(tk_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Decodes ids to text, special tokens included.
@@ -142,7 +175,11 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
-        TextStream { tok, ids: Vec::new(), emitted: 0 }
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds a token and returns the text that became complete.
@@ -168,7 +205,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 

@@ -33,16 +33,18 @@ impl GgufWriter {
 
     /// An F32 tensor with GGML dims (`dims[0]` contiguous).
     pub fn tensor_f32(mut self, name: &str, dims: &[u64], values: &[f32]) -> Self {
-        while self.data.len() % 32 != 0 {
+        while !self.data.len().is_multiple_of(32) {
             self.data.push(0);
         }
         put_str(&mut self.infos, name);
-        self.infos.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        self.infos
+            .extend_from_slice(&(dims.len() as u32).to_le_bytes());
         for d in dims {
             self.infos.extend_from_slice(&d.to_le_bytes());
         }
         self.infos.extend_from_slice(&0u32.to_le_bytes());
-        self.infos.extend_from_slice(&(self.data.len() as u64).to_le_bytes());
+        self.infos
+            .extend_from_slice(&(self.data.len() as u64).to_le_bytes());
         for v in values {
             self.data.extend_from_slice(&v.to_le_bytes());
         }
@@ -57,7 +59,7 @@ impl GgufWriter {
         b.extend_from_slice(&self.n_kv.to_le_bytes());
         b.extend_from_slice(&self.kvs);
         b.extend_from_slice(&self.infos);
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend_from_slice(&self.data);

@@ -29,16 +29,21 @@ pub fn engine(name: &str) -> &'static Engine {
 
 /// The parsed GGUF of a cached model.
 pub fn gguf(name: &str) -> Gguf {
-    Gguf::open(&models::resolve(name).unwrap_or_else(|e| panic!("{e}"))).expect("cached model parses")
+    Gguf::open(&models::resolve(name).unwrap_or_else(|e| panic!("{e}")))
+        .expect("cached model parses")
 }
 
 /// Raw bytes of a cached model file.
 pub fn model_bytes(name: &str) -> Arc<Vec<u8>> {
-    Arc::new(std::fs::read(models::resolve(name).unwrap_or_else(|e| panic!("{e}"))).expect("readable"))
+    Arc::new(
+        std::fs::read(models::resolve(name).unwrap_or_else(|e| panic!("{e}"))).expect("readable"),
+    )
 }
 
 pub fn fixture_path(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(file)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(file)
 }
 
 #[derive(serde::Deserialize)]
@@ -73,8 +78,9 @@ pub fn llamacpp_fixture(model: &str) -> LlamaCppFixture {
         "qwen-0.5b" => "llamacpp_qwen05b.json",
         other => panic!("no fixture for {other}"),
     };
-    let f: LlamaCppFixture = serde_json::from_str(&std::fs::read_to_string(fixture_path(file)).expect("fixture exists"))
-        .expect("fixture parses");
+    let f: LlamaCppFixture =
+        serde_json::from_str(&std::fs::read_to_string(fixture_path(file)).expect("fixture exists"))
+            .expect("fixture parses");
     assert_eq!(f.model, model);
     f
 }

@@ -7,7 +7,10 @@ use tandem_common::sample::argmax;
 use tandem_tests::engine;
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// With f32 mat-muls the split is exact up to summation order (≤ 1e-4). With 8-bit activations (the fast path) a
@@ -24,7 +27,9 @@ fn split_prefill_matches_at(model: &str, precision: Precision, tol: f32) {
     let a = tok
         .encode("<|im_start|>system\nYou answer questions about the tandem project. tandem splits inference between a cloud and an edge device; the cloud computes the KV cache of shared context once.<|im_end|>\n")
         .unwrap();
-    let b = tok.encode("<|im_start|>user\nWhat does the cloud compute?<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    let b = tok
+        .encode("<|im_start|>user\nWhat does the cloud compute?<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
     let whole: Vec<u32> = a.iter().chain(&b).copied().collect();
 
     let mut s = e.session();
@@ -45,19 +50,35 @@ fn split_prefill_matches_at(model: &str, precision: Precision, tol: f32) {
     s2.attach_context(&ctx).unwrap();
     let got = s2.prefill(&b).unwrap();
     let d = max_abs_diff(&expected, &got);
-    eprintln!("{model} {precision:?}: split prefill vs whole prefill, max |Δlogit| = {d:e} over {} logits", got.len());
-    assert!(d <= tol, "{model} {precision:?}: imported-context logits differ from a whole prefill by {d}");
-    assert_eq!(argmax(&got), argmax(&expected), "{model} {precision:?}: the next token changed");
+    eprintln!(
+        "{model} {precision:?}: split prefill vs whole prefill, max |Δlogit| = {d:e} over {} logits",
+        got.len()
+    );
+    assert!(
+        d <= tol,
+        "{model} {precision:?}: imported-context logits differ from a whole prefill by {d}"
+    );
+    assert_eq!(
+        argmax(&got),
+        argmax(&expected),
+        "{model} {precision:?}: the next token changed"
+    );
 
     // Decoding continues identically, and the exported state covers context + own tokens.
     let next = argmax(&got);
     let d2 = max_abs_diff(&s.decode(next).unwrap(), &s2.decode(next).unwrap());
-    assert!(d2 <= tol, "{model} {precision:?}: decode after import differs by {d2}");
+    assert!(
+        d2 <= tol,
+        "{model} {precision:?}: decode after import differs by {d2}"
+    );
     let all = s2.export();
     assert_eq!(all.len(), whole.len() + 1);
     assert_eq!(&all.tokens[..whole.len()], &whole[..]);
     let d3 = max_abs_diff(&all.layers[3].k, &s.export().layers[3].k);
-    assert!(d3 <= tol, "{model} {precision:?}: exported keys differ by {d3}");
+    assert!(
+        d3 <= tol,
+        "{model} {precision:?}: exported keys differ by {d3}"
+    );
 }
 
 #[test]
@@ -83,8 +104,14 @@ fn slices_select_layers_and_tokens() {
     let orig = &kv.layers[3].k[(kv.len() + 2) * d..(kv.len() + 3) * d];
     let cut = &s.layers[1].k[(3 + 1) * d..(3 + 2) * d];
     assert_eq!(orig, cut);
-    assert!(matches!(kv.slice(0..99, 0..1), Err(KvError::OutOfRange { what: "layers", .. })));
-    assert!(matches!(kv.slice(0..1, 2..99), Err(KvError::OutOfRange { what: "tokens", .. })));
+    assert!(matches!(
+        kv.slice(0..99, 0..1),
+        Err(KvError::OutOfRange { what: "layers", .. })
+    ));
+    assert!(matches!(
+        kv.slice(0..1, 2..99),
+        Err(KvError::OutOfRange { what: "tokens", .. })
+    ));
     // A slice of layers can be sliced again only inside what it holds.
     assert!(s.slice(0..3, 0..1).is_err());
 }
@@ -92,22 +119,36 @@ fn slices_select_layers_and_tokens() {
 #[test]
 fn bad_kv_is_refused_with_a_reason() {
     let e = engine("smollm2");
-    let kv = e.prefill_kv(&e.tokenizer.encode("hello there").unwrap()).unwrap();
+    let kv = e
+        .prefill_kv(&e.tokenizer.encode("hello there").unwrap())
+        .unwrap();
 
     let mut wrong_model = kv.clone();
     wrong_model.model = "qwen2-0000".into();
     let err = e.session().attach_context(&wrong_model).unwrap_err();
-    assert!(matches!(err, SessionError::Kv(KvError::WrongModel { .. })), "{err}");
+    assert!(
+        matches!(err, SessionError::Kv(KvError::WrongModel { .. })),
+        "{err}"
+    );
 
     let mut short = kv.clone();
     short.layers[0].v.pop();
-    assert!(matches!(KvState::from_bytes(&short.to_bytes()), Err(KvError::Corrupt(_))));
+    assert!(matches!(
+        KvState::from_bytes(&short.to_bytes()),
+        Err(KvError::Corrupt(_))
+    ));
 
     let bytes = kv.to_bytes();
-    assert!(matches!(KvState::from_bytes(&bytes[..bytes.len() / 2]), Err(KvError::Corrupt(_))));
+    assert!(matches!(
+        KvState::from_bytes(&bytes[..bytes.len() / 2]),
+        Err(KvError::Corrupt(_))
+    ));
 
     // Context can only be attached before the session has its own tokens.
     let mut s = e.session();
     s.prefill(&[1, 2, 3]).unwrap();
-    assert_eq!(s.attach_context(&kv).unwrap_err(), SessionError::ContextAfterTokens);
+    assert_eq!(
+        s.attach_context(&kv).unwrap_err(),
+        SessionError::ContextAfterTokens
+    );
 }

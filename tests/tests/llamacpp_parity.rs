@@ -19,13 +19,26 @@ fn tokenization_matches(model: &str) {
     let e = engine(model);
     let f = llamacpp_fixture(model);
     for case in &f.tokenize {
-        assert_eq!(e.tokenizer.encode(&case.text).unwrap(), case.ids, "{model}: tokenization of {:?}", case.text);
+        assert_eq!(
+            e.tokenizer.encode(&case.text).unwrap(),
+            case.ids,
+            "{model}: tokenization of {:?}",
+            case.text
+        );
         let round = e.tokenizer.decode(&case.ids).unwrap();
         assert_eq!(round, case.text, "{model}: decode of {:?}", case.text);
     }
     for run in &f.greedy {
-        let text = tandem_common::tokenizer::chatml(&[tandem_common::tokenizer::Message::new("user", &run.prompt)], true);
-        assert_eq!(e.tokenizer.encode(&text).unwrap(), run.prompt_ids, "{model}: chat template of {:?}", run.prompt);
+        let text = tandem_common::tokenizer::chatml(
+            &[tandem_common::tokenizer::Message::new("user", &run.prompt)],
+            true,
+        );
+        assert_eq!(
+            e.tokenizer.encode(&text).unwrap(),
+            run.prompt_ids,
+            "{model}: chat template of {:?}",
+            run.prompt
+        );
     }
 }
 
@@ -43,7 +56,12 @@ fn greedy_matches(model: &str) {
                 let d = (logits[id as usize] - l).abs();
                 max_diff = max_diff.max(d);
                 max_ratio = max_ratio.max(d / (LOGIT_TOL_ABS + LOGIT_TOL_REL * l.abs()));
-                assert!(d <= LOGIT_TOL_ABS + LOGIT_TOL_REL * l.abs(), "{model} {:?} step {i}: logit of token {id} is {} here, {l} in llama.cpp", run.prompt, logits[id as usize]);
+                assert!(
+                    d <= LOGIT_TOL_ABS + LOGIT_TOL_REL * l.abs(),
+                    "{model} {:?} step {i}: logit of token {id} is {} here, {l} in llama.cpp",
+                    run.prompt,
+                    logits[id as usize]
+                );
             }
             let ours = argmax(&logits);
             steps += 1;
@@ -69,7 +87,11 @@ fn greedy_matches(model: &str) {
             let ours = argmax(&logits);
             if ours != step.top_ids[0] {
                 let gap = step.top_logits[0] - step.top_logits[1];
-                assert!(gap < NEAR_TIE, "{model} {:?}: free-running continuation diverges at step {i} with gap {gap}", run.prompt);
+                assert!(
+                    gap < NEAR_TIE,
+                    "{model} {:?}: free-running continuation diverges at step {i} with gap {gap}",
+                    run.prompt
+                );
                 diverged = true;
                 break;
             }
@@ -83,7 +105,10 @@ fn greedy_matches(model: &str) {
         max_ratio * 100.0,
         f.greedy.len()
     );
-    assert!(equal_runs * 3 >= f.greedy.len(), "{model}: only {equal_runs} continuations identical to llama.cpp's");
+    assert!(
+        equal_runs * 3 >= f.greedy.len(),
+        "{model}: only {equal_runs} continuations identical to llama.cpp's"
+    );
 }
 
 #[test]

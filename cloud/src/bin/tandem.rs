@@ -14,7 +14,11 @@ use tandem_common::sample::SamplingParams;
 use tandem_common::tokenizer::{Message, chatml};
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Cloud–edge LLM inference: local generation and model tools")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Cloud–edge LLM inference: local generation and model tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,7 +69,13 @@ fn main() -> Result<()> {
                     Err(models::ModelLookupError::NotFetched { .. }) => "not fetched".to_string(),
                     Err(e) => format!("bad: {e}"),
                 };
-                println!("{:<10} {:>8.1} MB  {:<12} {}", m.name, m.size as f64 / 1e6, state, m.title);
+                println!(
+                    "{:<10} {:>8.1} MB  {:<12} {}",
+                    m.name,
+                    m.size as f64 / 1e6,
+                    state,
+                    m.title
+                );
             }
             Ok(())
         }
@@ -80,26 +90,37 @@ fn generate(args: GenerateArgs) -> Result<()> {
         bail!("--temperature must be ≥ 0, got {}", args.temperature);
     }
     let path = models::resolve(&args.model)?;
-    let spinner = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}")?);
+    let spinner = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}")?);
     spinner.set_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(100));
     let t_load = Instant::now();
     let gguf = Gguf::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let engine = Engine::load(&gguf, &default_device()).with_context(|| format!("loading {}", path.display()))?;
+    let engine = Engine::load(&gguf, &default_device())
+        .with_context(|| format!("loading {}", path.display()))?;
     spinner.finish_and_clear();
-    eprintln!("loaded {} in {:.2}s", path.display(), t_load.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} in {:.2}s",
+        path.display(),
+        t_load.elapsed().as_secs_f64()
+    );
 
     let text = if args.raw {
         let mut t = String::new();
         if let Some(f) = &args.context_file {
-            t.push_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
+            t.push_str(
+                &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            );
         }
         t.push_str(&args.prompt);
         t
     } else {
         let mut msgs = Vec::new();
         if let Some(f) = &args.context_file {
-            msgs.push(Message::new("system", &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?));
+            msgs.push(Message::new(
+                "system",
+                &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            ));
         }
         msgs.push(Message::new("user", &args.prompt));
         chatml(&msgs, true)
@@ -112,7 +133,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         stop_at_eos: !args.raw,
     };
     let mut session = engine.session();

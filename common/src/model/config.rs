@@ -55,7 +55,9 @@ impl ModelConfig {
             other => {
                 return Err(GgufError::BadTensor {
                     name: "general.architecture".into(),
-                    problem: format!("architecture {other:?} is not supported (supported: qwen2, llama)"),
+                    problem: format!(
+                        "architecture {other:?} is not supported (supported: qwen2, llama)"
+                    ),
                 });
             }
         };
@@ -63,16 +65,24 @@ impl ModelConfig {
         let key = |k: &str| format!("{p}.{k}");
         let d_model = g.get_u64(&key("embedding_length"))? as usize;
         let n_heads = g.get_u64(&key("attention.head_count"))? as usize;
-        let n_kv_heads = g.get_u64(&key("attention.head_count_kv")).unwrap_or(n_heads as u64) as usize;
+        let n_kv_heads = g
+            .get_u64(&key("attention.head_count_kv"))
+            .unwrap_or(n_heads as u64) as usize;
         let embed = g.tensor("token_embd.weight")?;
-        let vocab = g.get_u64(&key("vocab_size")).map(|v| v as usize).unwrap_or(embed.dims.get(1).copied().unwrap_or(0) as usize);
+        let vocab = g
+            .get_u64(&key("vocab_size"))
+            .map(|v| v as usize)
+            .unwrap_or(embed.dims.get(1).copied().unwrap_or(0) as usize);
         let c = ModelConfig {
             arch,
             n_layers: g.get_u64(&key("block_count"))? as usize,
             d_model,
             n_heads,
             n_kv_heads,
-            head_dim: g.get_u64(&key("rope.dimension_count")).map(|v| v as usize).unwrap_or(d_model / n_heads.max(1)),
+            head_dim: g
+                .get_u64(&key("rope.dimension_count"))
+                .map(|v| v as usize)
+                .unwrap_or(d_model / n_heads.max(1)),
             ffn: g.get_u64(&key("feed_forward_length"))? as usize,
             vocab,
             context_length: g.get_u64(&key("context_length"))? as usize,
@@ -86,12 +96,15 @@ impl ModelConfig {
         let sane = c.n_layers > 0
             && c.n_heads > 0
             && c.n_kv_heads > 0
-            && c.n_heads % c.n_kv_heads == 0
-            && c.head_dim % 2 == 0
+            && c.n_heads.is_multiple_of(c.n_kv_heads)
+            && c.head_dim.is_multiple_of(2)
             && c.head_dim * c.n_heads >= 1
             && c.vocab > 0;
         if !sane {
-            return Err(GgufError::BadTensor { name: format!("{p}.*"), problem: format!("inconsistent hyper-parameters {c:?}") });
+            return Err(GgufError::BadTensor {
+                name: format!("{p}.*"),
+                problem: format!("inconsistent hyper-parameters {c:?}"),
+            });
         }
         Ok(c)
     }
@@ -109,5 +122,9 @@ pub(crate) fn fingerprint(g: &Gguf, c: &ModelConfig) -> String {
         h.update(&b[..b.len().min(64)]);
     }
     let d = h.finalize();
-    format!("{}-{:x}", c.arch.prefix(), u64::from_be_bytes(d[..8].try_into().expect("8 bytes")))
+    format!(
+        "{}-{:x}",
+        c.arch.prefix(),
+        u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+    )
 }

@@ -37,7 +37,7 @@ impl Linear {
             Some(_) => Some(QMatrix::from_gguf(g, &format!("{name}.bias"))?.to_vector(device)),
             None => None,
         };
-        Ok(Linear { weight: weight, bias })
+        Ok(Linear { weight, bias })
     }
 
     pub fn forward(&self, x: Tensor<2>, p: Precision) -> Tensor<2> {
@@ -54,11 +54,20 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn load(g: &Gguf, name: &str, eps: f64, device: &Device) -> Result<Self, GgufError> {
-        Ok(RmsNorm { gain: QMatrix::from_gguf(g, name)?.to_vector(device), eps })
+        Ok(RmsNorm {
+            gain: QMatrix::from_gguf(g, name)?.to_vector(device),
+            eps,
+        })
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let inv = x.clone().powi_scalar(2).mean_dim(1).add_scalar(self.eps).sqrt().recip();
+        let inv = x
+            .clone()
+            .powi_scalar(2)
+            .mean_dim(1)
+            .add_scalar(self.eps)
+            .sqrt()
+            .recip();
         x * inv * self.gain.clone().unsqueeze_dim(0)
     }
 }
@@ -126,7 +135,10 @@ impl Model {
                 if m.rows != rows || m.cols != cols {
                     return Err(GgufError::BadTensor {
                         name: format!("{b}.{name}"),
-                        problem: format!("shape [{}, {}] does not match {p} config [{rows}, {cols}]", m.rows, m.cols),
+                        problem: format!(
+                            "shape [{}, {}] does not match {p} config [{rows}, {cols}]",
+                            m.rows, m.cols
+                        ),
                     });
                 }
                 Ok(())
@@ -148,18 +160,21 @@ impl Model {
         if embed.cols != c.d_model || output.cols != c.d_model || output.rows != c.vocab {
             return Err(GgufError::BadTensor {
                 name: "token_embd.weight / output.weight".into(),
-                problem: format!("shapes do not match d_model {} and vocabulary {}", c.d_model, c.vocab),
+                problem: format!(
+                    "shapes do not match d_model {} and vocabulary {}",
+                    c.d_model, c.vocab
+                ),
             });
         }
         let fingerprint = config::fingerprint(g, &c);
         Ok(Model {
             norm: RmsNorm::load(g, "output_norm.weight", c.rms_eps, device)?,
             config: c,
-            embed: embed,
+            embed,
             blocks,
-            output: output,
+            output,
             compute_device: device.clone(),
-            fingerprint: fingerprint,
+            fingerprint,
         })
     }
 
@@ -189,18 +204,31 @@ impl Model {
         let mut h = self.embed(tokens);
         let rope = self.rope(start, tokens.len());
         for (l, block) in self.blocks.iter().enumerate() {
-            h = self.block(block, h, &rope, ctx.get(l).and_then(|c| c.as_ref()), &mut own[l], p);
+            h = self.block(
+                block,
+                h,
+                &rope,
+                ctx.get(l).and_then(|c| c.as_ref()),
+                &mut own[l],
+                p,
+            );
         }
         let last = h.narrow(0, tokens.len() - 1, 1);
         let logits = q_linear(self.norm.forward(last), &self.output, None, p);
-        let v = logits.into_data().try_into_vec::<f32>().expect("logits are f32");
+        let v = logits
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("logits are f32");
         debug_assert_eq!(v.len(), c.vocab);
         v
     }
 
     fn embed(&self, tokens: &[u32]) -> Tensor<2> {
         let rows = self.embed.dequantize_rows(tokens);
-        Tensor::from_data(TensorData::new(rows, [tokens.len(), self.config().d_model]), self.device())
+        Tensor::from_data(
+            TensorData::new(rows, [tokens.len(), self.config().d_model]),
+            self.device(),
+        )
     }
 
     fn rope(&self, start: usize, n: usize) -> Rope {
@@ -248,7 +276,15 @@ impl Model {
         }
     }
 
-    fn block(&self, b: &Block, h: Tensor<2>, rope: &Rope, ctx: Option<&DeviceKv>, own: &mut DeviceKv, p: Precision) -> Tensor<2> {
+    fn block(
+        &self,
+        b: &Block,
+        h: Tensor<2>,
+        rope: &Rope,
+        ctx: Option<&DeviceKv>,
+        own: &mut DeviceKv,
+        p: Precision,
+    ) -> Tensor<2> {
         let c = self.config();
         let t = h.dims()[0];
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
@@ -260,7 +296,10 @@ impl Model {
         let v = b.v.forward(x, p).reshape([t, nkv, hd]);
 
         // Group query heads by their KV head: [nkv, g·t, hd], so GQA needs no repeated keys.
-        let q = q.reshape([t, nkv, g, hd]).permute([1, 2, 0, 3]).reshape([nkv, g * t, hd]);
+        let q = q
+            .reshape([t, nkv, g, hd])
+            .permute([1, 2, 0, 3])
+            .reshape([nkv, g * t, hd]);
         let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
         let before = own.len();
         own.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
@@ -268,9 +307,16 @@ impl Model {
         let mask = (t > 1).then(|| self.causal_mask(g, t, before));
         let mut att: Partial = attention::attend(q.clone(), own.k.clone(), own.v.clone(), mask);
         if let Some(ctx) = ctx.filter(|c| !c.is_empty()) {
-            att = attention::merge(attention::attend(q, ctx.k.clone(), ctx.v.clone(), None), att);
+            att = attention::merge(
+                attention::attend(q, ctx.k.clone(), ctx.v.clone(), None),
+                att,
+            );
         }
-        let o = att.out.reshape([nkv, g, t, hd]).permute([2, 0, 1, 3]).reshape([t, nh * hd]);
+        let o = att
+            .out
+            .reshape([nkv, g, t, hd])
+            .permute([2, 0, 1, 3])
+            .reshape([t, nh * hd]);
         let h = h + b.o.forward(o, p);
 
         let x = b.ffn_norm.forward(h.clone());

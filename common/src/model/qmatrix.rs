@@ -39,14 +39,25 @@ impl QMatrix {
     }
 
     fn from_info(g: &Gguf, t: &TensorInfo) -> Result<Self, GgufError> {
-        let bad = |problem: String| GgufError::BadTensor { name: t.name.clone(), problem };
+        let bad = |problem: String| GgufError::BadTensor {
+            name: t.name.clone(),
+            problem,
+        };
         if !t.ty.is_supported() {
-            return Err(bad(format!("type {:?} is not supported by tandem's kernels", t.ty)));
+            return Err(bad(format!(
+                "type {:?} is not supported by tandem's kernels",
+                t.ty
+            )));
         }
         let (cols, rows) = match t.dims[..] {
             [c] => (c, 1),
             [c, r] => (c, r),
-            _ => return Err(bad(format!("expected a matrix, found dimensions {:?}", t.dims))),
+            _ => {
+                return Err(bad(format!(
+                    "expected a matrix, found dimensions {:?}",
+                    t.dims
+                )));
+            }
         };
         Ok(QMatrix {
             ty: t.ty,
@@ -108,11 +119,21 @@ pub trait QuantOps: Backend {
 #[cfg(feature = "flex")]
 impl QuantOps for burn::backend::Flex {
     fn q_matmul(x: FloatTensor<Self>, w: QMatrix, precision: Precision) -> FloatTensor<Self> {
-        let x = if x.is_contiguous() { x } else { x.to_contiguous() };
+        let x = if x.is_contiguous() {
+            x
+        } else {
+            x.to_contiguous()
+        };
         let dims = x.layout().shape().clone();
         let n = dims[0];
-        assert_eq!(dims[1], w.cols, "q_matmul: input width {} does not match weight width {}", dims[1], w.cols);
-        let xs = x.as_slice::<f32>().expect("q_matmul: input must be contiguous f32");
+        assert_eq!(
+            dims[1], w.cols,
+            "q_matmul: input width {} does not match weight width {}",
+            dims[1], w.cols
+        );
+        let xs = x
+            .as_slice::<f32>()
+            .expect("q_matmul: input must be contiguous f32");
         let mut out = vec![0f32; n * w.rows];
         quant::matmul(w.ty, w.bytes(), w.rows, w.cols, xs, &mut out, precision);
         burn::backend::flex::FlexTensor::from_data(TensorData::new(out, [n, w.rows]))
@@ -123,9 +144,18 @@ impl QuantOps for burn::backend::Flex {
 impl QuantOps for burn::backend::Cube {}
 
 /// `x · Wᵀ (+ bias)` for `x: [n, cols]`.
-pub fn q_linear(x: Tensor<2>, w: &QMatrix, bias: Option<&Tensor<1>>, precision: Precision) -> Tensor<2> {
+pub fn q_linear(
+    x: Tensor<2>,
+    w: &QMatrix,
+    bias: Option<&Tensor<1>>,
+    precision: Precision,
+) -> Tensor<2> {
     use burn::backend::Dispatch;
-    let y = Tensor::<2>::from_dispatch(<Dispatch as QuantOps>::q_matmul(x.into_dispatch(), w.clone(), precision));
+    let y = Tensor::<2>::from_dispatch(<Dispatch as QuantOps>::q_matmul(
+        x.into_dispatch(),
+        w.clone(),
+        precision,
+    ));
     match bias {
         Some(b) => y + b.clone().unsqueeze_dim(0),
         None => y,

@@ -8,8 +8,14 @@ use crate::quant::Precision;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SessionError {
-    #[error("prompt of {tokens} tokens plus {used} already in the session exceeds the model's context length of {limit}")]
-    TooLong { tokens: usize, used: usize, limit: usize },
+    #[error(
+        "prompt of {tokens} tokens plus {used} already in the session exceeds the model's context length of {limit}"
+    )]
+    TooLong {
+        tokens: usize,
+        used: usize,
+        limit: usize,
+    },
     #[error("nothing to run: the token list is empty")]
     Empty,
     #[error("token id {id} is outside the vocabulary of {vocab}")]
@@ -42,7 +48,13 @@ impl<'m> Session<'m> {
             ctx: vec![None; c.n_layers],
             ctx_tokens: Vec::new(),
             ctx_positions: Vec::new(),
-            own: vec![DeviceKv { k: empty.clone(), v: empty }; c.n_layers],
+            own: vec![
+                DeviceKv {
+                    k: empty.clone(),
+                    v: empty
+                };
+                c.n_layers
+            ],
             own_tokens: Vec::new(),
             precision: Precision::default(),
         }
@@ -70,24 +82,55 @@ impl<'m> Session<'m> {
         }
         let c = self.model.config();
         if kv.model != self.model.fingerprint() {
-            return Err(KvError::WrongModel { found: kv.model.clone(), expected: self.model.fingerprint().to_string() }.into());
+            return Err(KvError::WrongModel {
+                found: kv.model.clone(),
+                expected: self.model.fingerprint().to_string(),
+            }
+            .into());
         }
-        if kv.kv_heads != c.n_kv_heads || kv.head_dim != c.head_dim || kv.first_layer + kv.layers.len() > c.n_layers {
+        if kv.kv_heads != c.n_kv_heads
+            || kv.head_dim != c.head_dim
+            || kv.first_layer + kv.layers.len() > c.n_layers
+        {
             return Err(KvError::WrongShape {
-                found: format!("{} layers from {}, {} heads × {}", kv.layers.len(), kv.first_layer, kv.kv_heads, kv.head_dim),
-                expected: format!("{} layers, {} heads × {}", c.n_layers, c.n_kv_heads, c.head_dim),
+                found: format!(
+                    "{} layers from {}, {} heads × {}",
+                    kv.layers.len(),
+                    kv.first_layer,
+                    kv.kv_heads,
+                    kv.head_dim
+                ),
+                expected: format!(
+                    "{} layers, {} heads × {}",
+                    c.n_layers, c.n_kv_heads, c.head_dim
+                ),
             }
             .into());
         }
         kv.validate()?;
         if kv.len() + 1 > c.context_length {
-            return Err(SessionError::TooLong { tokens: kv.len(), used: 0, limit: c.context_length });
+            return Err(SessionError::TooLong {
+                tokens: kv.len(),
+                used: 0,
+                limit: c.context_length,
+            });
         }
-        if !self.ctx_tokens.is_empty() && (self.ctx_tokens != kv.tokens || self.ctx_positions != kv.positions) {
-            return Err(KvError::Corrupt("layers of one context must cover the same tokens".into()).into());
+        if !self.ctx_tokens.is_empty()
+            && (self.ctx_tokens != kv.tokens || self.ctx_positions != kv.positions)
+        {
+            return Err(KvError::Corrupt(
+                "layers of one context must cover the same tokens".into(),
+            )
+            .into());
         }
         for (i, l) in kv.layers.iter().enumerate() {
-            self.ctx[kv.first_layer + i] = Some(DeviceKv::upload(l, kv.kv_heads, kv.len(), kv.head_dim, self.model.device()));
+            self.ctx[kv.first_layer + i] = Some(DeviceKv::upload(
+                l,
+                kv.kv_heads,
+                kv.len(),
+                kv.head_dim,
+                self.model.device(),
+            ));
         }
         self.ctx_tokens = kv.tokens.clone();
         self.ctx_positions = kv.positions.clone();
@@ -104,9 +147,15 @@ impl<'m> Session<'m> {
             return Err(SessionError::BadToken { id, vocab: c.vocab });
         }
         if self.len() + tokens.len() > c.context_length {
-            return Err(SessionError::TooLong { tokens: tokens.len(), used: self.len(), limit: c.context_length });
+            return Err(SessionError::TooLong {
+                tokens: tokens.len(),
+                used: self.len(),
+                limit: c.context_length,
+            });
         }
-        let logits = self.model.forward(tokens, self.len(), &self.ctx, &mut self.own, self.precision);
+        let logits =
+            self.model
+                .forward(tokens, self.len(), &self.ctx, &mut self.own, self.precision);
         self.own_tokens.extend_from_slice(tokens);
         Ok(logits)
     }
@@ -136,7 +185,10 @@ impl<'m> Session<'m> {
                             }
                             out
                         };
-                        LayerKv { k: join(&ctx.k, &own.k), v: join(&ctx.v, &own.v) }
+                        LayerKv {
+                            k: join(&ctx.k, &own.k),
+                            v: join(&ctx.v, &own.v),
+                        }
                     }
                 }
             })
@@ -148,7 +200,12 @@ impl<'m> Session<'m> {
             first_layer: 0,
             kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            tokens: self.ctx_tokens.iter().chain(&self.own_tokens).copied().collect(),
+            tokens: self
+                .ctx_tokens
+                .iter()
+                .chain(&self.own_tokens)
+                .copied()
+                .collect(),
             positions,
             layers,
         }

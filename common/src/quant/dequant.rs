@@ -7,7 +7,11 @@ use super::{GgmlType, f16_at};
 ///
 /// Panics if `ty` is not supported or the lengths disagree: callers check both when the model is loaded.
 pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
-    assert_eq!(row.len(), ty.row_bytes(out.len()), "row of {ty:?} has the wrong length");
+    assert_eq!(
+        row.len(),
+        ty.row_bytes(out.len()),
+        "row of {ty:?} has the wrong length"
+    );
     let bb = ty.block_bytes();
     match ty {
         GgmlType::F32 => {
@@ -28,7 +32,11 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             for (b, y) in row.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(b, 0);
-                let (m, qs, off) = if ty == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20], 0.0) } else { (0.0, &b[2..18], 8.0) };
+                let (m, qs, off) = if ty == GgmlType::Q4_1 {
+                    (f16_at(b, 2), &b[4..20], 0.0)
+                } else {
+                    (0.0, &b[2..18], 8.0)
+                };
                 for j in 0..16 {
                     y[j] = ((qs[j] & 0xf) as f32 - off) * d + m;
                     y[j + 16] = ((qs[j] >> 4) as f32 - off) * d + m;
@@ -38,7 +46,11 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
             for (b, y) in row.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(b, 0);
-                let (m, rest, off) = if ty == GgmlType::Q5_1 { (f16_at(b, 2), &b[4..], 0.0) } else { (0.0, &b[2..], 16.0) };
+                let (m, rest, off) = if ty == GgmlType::Q5_1 {
+                    (f16_at(b, 2), &b[4..], 0.0)
+                } else {
+                    (0.0, &b[2..], 16.0)
+                };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 for j in 0..16 {
@@ -106,6 +118,9 @@ pub(crate) fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        ((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        (
+            (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
     }
 }

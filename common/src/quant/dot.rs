@@ -23,9 +23,19 @@ pub struct Q8Act {
 impl Q8Act {
     /// Quantizes `x` (`rows × k`, row-major; `k` a multiple of 32).
     pub fn quantize(x: &[f32], k: usize) -> Self {
-        assert!(k % QK8 == 0 && x.len() % k == 0, "activation length {} / row {} not in blocks of 32", x.len(), k);
+        assert!(
+            k.is_multiple_of(QK8) && x.len().is_multiple_of(k),
+            "activation length {} / row {} not in blocks of 32",
+            x.len(),
+            k
+        );
         let blocks = x.len() / QK8;
-        let mut a = Q8Act { k, qs: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks] };
+        let mut a = Q8Act {
+            k,
+            qs: vec![0; x.len()],
+            d: vec![0.0; blocks],
+            sum: vec![0; blocks],
+        };
         for (b, xs) in x.chunks_exact(QK8).enumerate() {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -48,7 +58,11 @@ impl Q8Act {
     /// One row's blocks.
     pub fn row(&self, n: usize) -> ActRow<'_> {
         let nb = self.k / QK8;
-        ActRow { qs: &self.qs[n * self.k..(n + 1) * self.k], d: &self.d[n * nb..(n + 1) * nb], sum: &self.sum[n * nb..(n + 1) * nb] }
+        ActRow {
+            qs: &self.qs[n * self.k..(n + 1) * self.k],
+            d: &self.d[n * nb..(n + 1) * nb],
+            sum: &self.sum[n * nb..(n + 1) * nb],
+        }
     }
 }
 
@@ -74,9 +88,21 @@ pub enum Precision {
 /// Computes `out = x · Wᵀ` for `x: [n, k]` (f32) and `w: [rows, k]` in GGML type `ty`, using all worker threads.
 ///
 /// `out` is `[n, rows]`. Float weights (F32/F16) are always dotted in f32; quantized weights per `precision`.
-pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mut [f32], precision: Precision) {
+pub fn matmul(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    k: usize,
+    x: &[f32],
+    out: &mut [f32],
+    precision: Precision,
+) {
     let n = x.len() / k;
-    assert_eq!(w.len(), rows * ty.row_bytes(k), "weight bytes do not match [{rows}, {k}] of {ty:?}");
+    assert_eq!(
+        w.len(),
+        rows * ty.row_bytes(k),
+        "weight bytes do not match [{rows}, {k}] of {ty:?}"
+    );
     assert_eq!(out.len(), n * rows);
     let row_bytes = ty.row_bytes(k);
     let float_weights = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
@@ -87,7 +113,15 @@ pub fn matmul(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], out: &mu
                 for r in r0..r1 {
                     super::dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
                     for i in 0..n {
-                        sink(i, r, x[i * k..(i + 1) * k].iter().zip(&wrow).map(|(a, b)| a * b).sum());
+                        sink(
+                            i,
+                            r,
+                            x[i * k..(i + 1) * k]
+                                .iter()
+                                .zip(&wrow)
+                                .map(|(a, b)| a * b)
+                                .sum(),
+                        );
                     }
                 }
             });
@@ -144,11 +178,16 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             for (b, blk) in w.chunks_exact(bb).enumerate() {
                 let d = f16_at(blk, 0);
-                let qs = if ty == GgmlType::Q4_1 { &blk[4..20] } else { &blk[2..18] };
+                let qs = if ty == GgmlType::Q4_1 {
+                    &blk[4..20]
+                } else {
+                    &blk[2..18]
+                };
                 let aq = &a.qs[b * 32..b * 32 + 32];
                 let mut s = 0i32;
                 for j in 0..16 {
-                    s += (qs[j] & 0xf) as i32 * aq[j] as i32 + (qs[j] >> 4) as i32 * aq[j + 16] as i32;
+                    s += (qs[j] & 0xf) as i32 * aq[j] as i32
+                        + (qs[j] >> 4) as i32 * aq[j + 16] as i32;
                 }
                 acc += if ty == GgmlType::Q4_1 {
                     d * a.d[b] * s as f32 + f16_at(blk, 2) * a.d[b] * a.sum[b] as f32
@@ -175,7 +214,11 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
         GgmlType::Q8_0 => {
             for (b, blk) in w.chunks_exact(bb).enumerate() {
                 let aq = &a.qs[b * 32..b * 32 + 32];
-                let s: i32 = blk[2..34].iter().zip(aq).map(|(&q, &x)| q as i8 as i32 * x as i32).sum();
+                let s: i32 = blk[2..34]
+                    .iter()
+                    .zip(aq)
+                    .map(|(&q, &x)| q as i8 as i32 * x as i32)
+                    .sum();
                 acc += f16_at(blk, 0) * a.d[b] * s as f32;
             }
         }
@@ -192,8 +235,13 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
                         let ab = sb * 8 + g;
                         let (sc, m) = q4k_scale_min(g, scales);
                         let aq = &a.qs[ab * 32..ab * 32 + 32];
-                        let s: i32 = q.iter().zip(aq).map(|(&q, &x)| ((q >> shift) & 0xf) as i32 * x as i32).sum();
-                        acc += a.d[ab] * (d * sc as f32 * s as f32 - dmin * m as f32 * a.sum[ab] as f32);
+                        let s: i32 = q
+                            .iter()
+                            .zip(aq)
+                            .map(|(&q, &x)| ((q >> shift) & 0xf) as i32 * x as i32)
+                            .sum();
+                        acc += a.d[ab]
+                            * (d * sc as f32 * s as f32 - dmin * m as f32 * a.sum[ab] as f32);
                     }
                 }
             }
@@ -214,7 +262,9 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
                         s[l / 16] += q * aq[l] as i32;
                     }
                     let sc = &blk[192 + 8 * half + 2 * part..];
-                    acc += d * a.d[ab] * ((sc[0] as i8) as i32 * s[0] + (sc[1] as i8) as i32 * s[1]) as f32;
+                    acc += d
+                        * a.d[ab]
+                        * ((sc[0] as i8) as i32 * s[0] + (sc[1] as i8) as i32 * s[1]) as f32;
                 }
             }
         }
@@ -237,12 +287,16 @@ mod tests {
             x
         };
         let mut row: Vec<u8> = (0..ty.row_bytes(k)).map(|_| next() as u8).collect();
-        let scale = |row: &mut Vec<u8>, at: usize, v: f32| row[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        let scale = |row: &mut Vec<u8>, at: usize, v: f32| {
+            row[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
+        };
         for b in 0..k / ty.block_len() {
             let o = b * ty.block_bytes();
             let r = (next() % 1000) as f32 / 1000.0;
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => scale(&mut row, o, 0.01 + 0.02 * r),
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                    scale(&mut row, o, 0.01 + 0.02 * r)
+                }
                 GgmlType::Q4_1 => {
                     scale(&mut row, o, 0.01 + 0.02 * r);
                     scale(&mut row, o + 2, -0.1 * r);
@@ -258,14 +312,23 @@ mod tests {
         row
     }
 
-    const TYPES: [GgmlType; 6] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+    const TYPES: [GgmlType; 6] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
 
     /// The kernel in use (SIMD where the CPU has it) agrees with the portable one, and both with f32 arithmetic on
     /// the dequantized weights up to the activations' 8-bit rounding.
     #[test]
     fn kernels_agree_with_reference() {
         let k = 512;
-        let x: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
         let act = Q8Act::quantize(&x, k);
         for ty in TYPES {
             let kernel = pick_kernel(ty);
@@ -273,12 +336,18 @@ mod tests {
                 let w = random_row(ty, k, seed * 7919);
                 let fast = kernel(&w, act.row(0));
                 let portable = dot_scalar(ty, &w, act.row(0));
-                assert!((fast - portable).abs() <= 1e-4 * (1.0 + portable.abs()), "{ty:?}: kernel {fast} vs portable {portable}");
+                assert!(
+                    (fast - portable).abs() <= 1e-4 * (1.0 + portable.abs()),
+                    "{ty:?}: kernel {fast} vs portable {portable}"
+                );
                 let mut deq = vec![0f32; k];
                 super::super::dequantize_row(ty, &w, &mut deq);
                 let exact: f32 = deq.iter().zip(&x).map(|(a, b)| a * b).sum();
                 let norm: f32 = deq.iter().map(|v| v.abs()).sum::<f32>() * 2.0 / 127.0;
-                assert!((portable - exact).abs() <= norm, "{ty:?}: portable {portable} vs exact {exact} (bound {norm})");
+                assert!(
+                    (portable - exact).abs() <= norm,
+                    "{ty:?}: portable {portable} vs exact {exact} (bound {norm})"
+                );
             }
         }
     }
@@ -287,9 +356,13 @@ mod tests {
     #[test]
     fn matmul_fills_all_outputs() {
         let (rows, k, n) = (70, 256, 3);
-        let x: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
         for ty in TYPES {
-            let w: Vec<u8> = (0..rows).flat_map(|r| random_row(ty, k, r as u64 + 11)).collect();
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|r| random_row(ty, k, r as u64 + 11))
+                .collect();
             let mut fast = vec![f32::NAN; n * rows];
             matmul(ty, &w, rows, k, &x, &mut fast, Precision::Q8);
             let mut slow = vec![0f32; n * rows];
@@ -298,9 +371,19 @@ mod tests {
             matmul(ty, &w, rows, k, &x, &mut exact, Precision::F32);
             let scale = exact.iter().fold(1f32, |m, v| m.max(v.abs()));
             for i in 0..n * rows {
-                assert!((fast[i] - slow[i]).abs() <= 1e-4 * (1.0 + slow[i].abs()), "{ty:?} [{i}]: {} vs {}", fast[i], slow[i]);
+                assert!(
+                    (fast[i] - slow[i]).abs() <= 1e-4 * (1.0 + slow[i].abs()),
+                    "{ty:?} [{i}]: {} vs {}",
+                    fast[i],
+                    slow[i]
+                );
                 let d = (exact[i] - slow[i]).abs();
-                assert!(d <= 0.02 * scale, "{ty:?} [{i}]: f32 {} vs 8-bit {} (scale {scale})", exact[i], slow[i]);
+                assert!(
+                    d <= 0.02 * scale,
+                    "{ty:?} [{i}]: f32 {} vs 8-bit {} (scale {scale})",
+                    exact[i],
+                    slow[i]
+                );
             }
         }
     }

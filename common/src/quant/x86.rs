@@ -6,14 +6,17 @@
 
 use std::arch::x86_64::*;
 
-use super::dot::ActRow;
 use super::GgmlType;
+use super::dot::ActRow;
 
 type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 
 /// The AVX2 kernel for `ty`, if this CPU has AVX2, FMA and F16C.
 pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
-    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
         return None;
     }
     // SAFETY (each wrapper): the CPU supports AVX2, FMA and F16C (checked above); slices are bounds-checked by the callers'
@@ -36,7 +39,12 @@ const PREFETCH_BYTES: usize = 2048;
 #[inline(always)]
 fn prefetch(blk: &[u8]) {
     // SAFETY: prefetching is a hint; an address past the end of the weights is never dereferenced.
-    unsafe { _mm_prefetch(blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8, _MM_HINT_T0) };
+    unsafe {
+        _mm_prefetch(
+            blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8,
+            _MM_HINT_T0,
+        )
+    };
 }
 
 /// The little-endian f16 at byte `i` of `b`, converted in-line (the `half` crate's conversion is a call per value).
@@ -93,7 +101,9 @@ unsafe fn q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
     for (b, blk) in w.chunks_exact(18).enumerate() {
         prefetch(blk);
         let s = f16_at(blk, 0) * a.d[b];
-        let p = dot_u8_i8(unsafe { nibbles(blk.as_ptr().add(2)) }, unsafe { load(a.qs.as_ptr().add(32 * b)) });
+        let p = dot_u8_i8(unsafe { nibbles(blk.as_ptr().add(2)) }, unsafe {
+            load(a.qs.as_ptr().add(32 * b))
+        });
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
         off += s * a.sum[b] as f32;
     }
@@ -107,7 +117,9 @@ unsafe fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
     for (b, blk) in w.chunks_exact(20).enumerate() {
         prefetch(blk);
         let s = f16_at(blk, 0) * a.d[b];
-        let p = dot_u8_i8(unsafe { nibbles(blk.as_ptr().add(4)) }, unsafe { load(a.qs.as_ptr().add(32 * b)) });
+        let p = dot_u8_i8(unsafe { nibbles(blk.as_ptr().add(4)) }, unsafe {
+            load(a.qs.as_ptr().add(32 * b))
+        });
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
         off += f16_at(blk, 2) * a.d[b] * a.sum[b] as f32;
     }
@@ -120,7 +132,12 @@ unsafe fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
 fn high_bits(qh: u32) -> __m256i {
     let v = _mm256_set1_epi32(qh as i32);
     // Byte j of the result looks at byte j/8 of qh …
-    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
     let bytes = _mm256_shuffle_epi8(v, shuf);
     // … and tests bit j%8 of it.
     let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
@@ -176,7 +193,11 @@ unsafe fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
                 let ab = sb * 8 + g;
                 let (sc, m) = super::dequant::q4k_scale_min(g, scales);
                 let p = dot_u8_i8(qv, unsafe { load(a.qs.as_ptr().add(32 * ab)) });
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * sc as f32 * a.d[ab]), acc);
+                acc = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(p),
+                    _mm256_set1_ps(d * sc as f32 * a.d[ab]),
+                    acc,
+                );
                 mins += dmin * m as f32 * a.d[ab] * a.sum[ab] as f32;
             }
         }
@@ -194,11 +215,23 @@ unsafe fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
         prefetch(blk);
         let d = f16_at(blk, 208);
         for half in 0..2 {
-            let qh = unsafe { _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * half) as *const __m256i) };
+            let qh =
+                unsafe { _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * half) as *const __m256i) };
             for part in 0..4 {
-                let ql = unsafe { _mm256_loadu_si256(blk.as_ptr().add(64 * half + 32 * (part & 1)) as *const __m256i) };
-                let lo = if part < 2 { _mm256_and_si256(ql, mask4) } else { _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask4) };
-                let hb = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * part as i32)), mask2);
+                let ql = unsafe {
+                    _mm256_loadu_si256(
+                        blk.as_ptr().add(64 * half + 32 * (part & 1)) as *const __m256i
+                    )
+                };
+                let lo = if part < 2 {
+                    _mm256_and_si256(ql, mask4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask4)
+                };
+                let hb = _mm256_and_si256(
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * part as i32)),
+                    mask2,
+                );
                 let q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hb, 4)), m32);
                 let g = 4 * half + part;
                 let ab = sb * 8 + g;

@@ -33,13 +33,23 @@ fn prompt_ids(e: &Engine) -> Vec<u32> {
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) * 1024))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    * 1024
+            })
+        })
         .unwrap_or(0)
 }
 
 fn measure_tandem(model: &str) -> (Measured, Vec<u32>) {
     let path = models::resolve(model).unwrap_or_else(|e| panic!("{e}"));
-    let engine = Engine::load(&Gguf::open(&path).expect("model parses"), &default_device()).expect("model loads");
+    let engine = Engine::load(&Gguf::open(&path).expect("model parses"), &default_device())
+        .expect("model loads");
     let ids = prompt_ids(&engine);
     let (mut best_prefill, mut best_decode) = (0f64, 0f64);
     for _ in 0..REPEATS {
@@ -53,22 +63,42 @@ fn measure_tandem(model: &str) -> (Measured, Vec<u32>) {
         }
         best_decode = best_decode.max(DECODE_TOKENS as f64 / t0.elapsed().as_secs_f64());
     }
-    (Measured { prefill_tok_s: best_prefill, decode_tok_s: best_decode, peak_rss_bytes: peak_rss() }, ids)
+    (
+        Measured {
+            prefill_tok_s: best_prefill,
+            decode_tok_s: best_decode,
+            peak_rss_bytes: peak_rss(),
+        },
+        ids,
+    )
 }
 
 fn measure_llamacpp(python: &str, model: &str, threads: usize, ids: &[u32]) -> Measured {
     let path = models::resolve(model).unwrap_or_else(|e| panic!("{e}"));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/llamacpp_bench.py");
-    let mut best = Measured { prefill_tok_s: 0.0, decode_tok_s: 0.0, peak_rss_bytes: 0 };
+    let mut best = Measured {
+        prefill_tok_s: 0.0,
+        decode_tok_s: 0.0,
+        peak_rss_bytes: 0,
+    };
     for _ in 0..REPEATS {
         let out = Command::new(python)
-            .args([script, path.to_str().expect("utf-8 path"), &threads.to_string()])
+            .args([
+                script,
+                path.to_str().expect("utf-8 path"),
+                &threads.to_string(),
+            ])
             .arg(serde_json::to_string(ids).expect("ids"))
             .arg(DECODE_TOKENS.to_string())
             .output()
             .unwrap_or_else(|e| panic!("running {python}: {e}"));
-        assert!(out.status.success(), "llama.cpp benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
-        let m: Measured = serde_json::from_slice(&out.stdout).expect("llama.cpp benchmark prints JSON");
+        assert!(
+            out.status.success(),
+            "llama.cpp benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: Measured =
+            serde_json::from_slice(&out.stdout).expect("llama.cpp benchmark prints JSON");
         best.prefill_tok_s = best.prefill_tok_s.max(m.prefill_tok_s);
         best.decode_tok_s = best.decode_tok_s.max(m.decode_tok_s);
     }
@@ -87,16 +117,34 @@ fn main() {
         None => "python3".into(),
     };
     let threads = rayon_threads();
-    println!("tandem vs llama.cpp, {threads} threads, prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, best of {REPEATS}");
+    println!(
+        "tandem vs llama.cpp, {threads} threads, prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, best of {REPEATS}"
+    );
     println!(
         "{:<10} {:>13} {:>13} {:>7} {:>14} {:>14} {:>7} {:>11} {:>9}",
-        "model", "decode tok/s", "llama.cpp", "ratio", "prefill tok/s", "llama.cpp", "ratio", "peak RSS", "÷ GGUF"
+        "model",
+        "decode tok/s",
+        "llama.cpp",
+        "ratio",
+        "prefill tok/s",
+        "llama.cpp",
+        "ratio",
+        "peak RSS",
+        "÷ GGUF"
     );
     for model in ["smollm2", "qwen-0.5b"] {
         let me = std::env::current_exe().expect("own path");
-        let out = Command::new(me).args(["--one", model]).output().expect("child runs");
-        assert!(out.status.success(), "tandem measurement of {model} failed: {}", String::from_utf8_lossy(&out.stderr));
-        let (t, ids): (Measured, Vec<u32>) = serde_json::from_slice(&out.stdout).expect("child prints JSON");
+        let out = Command::new(me)
+            .args(["--one", model])
+            .output()
+            .expect("child runs");
+        assert!(
+            out.status.success(),
+            "tandem measurement of {model} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (t, ids): (Measured, Vec<u32>) =
+            serde_json::from_slice(&out.stdout).expect("child prints JSON");
         let l = measure_llamacpp(&python, model, threads, &ids);
         let gguf = models::spec(model).expect("registered").size as f64;
         println!(
@@ -115,5 +163,12 @@ fn main() {
 }
 
 fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
