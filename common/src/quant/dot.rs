@@ -4,9 +4,13 @@
 //! scale and the block's integer sum (which folds in the weights' offsets and minimums). The portable kernels in this
 //! file define the arithmetic; SIMD kernels must agree with them exactly up to f32 summation order.
 
+use super::batched::{TILE, UnpackedRow};
 use super::dequant::q4k_scale_min;
 use super::{GgmlType, f16_at};
 use crate::parallel::OutMatrix;
+
+/// From this many tokens on, weight rows are unpacked once and dotted with several tokens at a time.
+const BATCH_MIN_TOKENS: usize = 4;
 
 /// Activation block length.
 pub const QK8: usize = 32;
@@ -122,6 +126,21 @@ pub fn matmul(
                                 .map(|(a, b)| a * b)
                                 .sum(),
                         );
+                    }
+                }
+            });
+        }
+        _ if n >= BATCH_MIN_TOKENS => {
+            let act = Q8Act::quantize(x, k);
+            crate::parallel::for_each_chunk(OutMatrix::new(out, n, rows), |r0, r1, sink| {
+                let mut row = UnpackedRow::new(k);
+                for r in r0..r1 {
+                    row.fill(ty, &w[r * row_bytes..(r + 1) * row_bytes]);
+                    for t0 in (0..n).step_by(TILE) {
+                        let t1 = (t0 + TILE).min(n);
+                        for (t, v) in (t0..t1).zip(row.dot_tile(&act, t0..t1)) {
+                            sink(t, r, v);
+                        }
                     }
                 }
             });
@@ -274,11 +293,11 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Random but valid blocks of `ty`: random quants, f16 scales of sane size.
-    fn random_row(ty: GgmlType, k: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::quant) fn random_row(ty: GgmlType, k: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         let mut next = || {
             x ^= x << 13;
@@ -312,7 +331,7 @@ mod tests {
         row
     }
 
-    const TYPES: [GgmlType; 6] = [
+    pub(in crate::quant) const TYPES: [GgmlType; 6] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
@@ -355,7 +374,14 @@ mod tests {
     /// The threaded mat-mul fills every output of several rows, for both precisions.
     #[test]
     fn matmul_fills_all_outputs() {
-        let (rows, k, n) = (70, 256, 3);
+        // 1 token: the per-token kernels; 6 tokens: the batched path, one full tile and a remainder of 2.
+        for n in [1, 6] {
+            matmul_fills_all_outputs_for(n);
+        }
+    }
+
+    fn matmul_fills_all_outputs_for(n: usize) {
+        let (rows, k) = (70, 256);
         let x: Vec<f32> = (0..n * k)
             .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
             .collect();

@@ -4,6 +4,7 @@
 //! dotted against the weight blocks with integer arithmetic, as llama.cpp does; [`matmul`] is the one entry point
 //! and picks the fastest kernel this CPU has (AVX2 natively, simd128 in wasm, portable Rust otherwise).
 
+mod batched;
 mod dequant;
 mod dot;
 #[cfg(target_arch = "x86_64")]
