@@ -6,7 +6,7 @@
 //! with a [`Q8Act`] row is then `Σ_b d_a[b] · (Σ_halves scale · Σ q·a) + Σ_b min[b] · d_a[b] · Σa_b`, the same
 //! integers and scales `dot::dot_scalar` uses.
 
-use super::dequant::q4k_scale_min;
+use super::dequant::{q4k_scale_min, q6k_group};
 use super::dot::{ActRow, Q8Act};
 use super::{GgmlType, f16_at};
 
@@ -95,19 +95,12 @@ impl UnpackedRow {
                 for (sb, blk) in w.chunks_exact(bb).enumerate() {
                     let d = f16_at(blk, 208);
                     for g in 0..8 {
-                        let (half, part) = (g / 4, g % 4);
-                        let ql = &blk[64 * half + 32 * (part & 1)..][..32];
-                        let qh = &blk[128 + 32 * half..][..32];
-                        let sc = &blk[192 + 8 * half + 2 * part..];
+                        let (q, sc) = q6k_group(blk, g);
                         let ab = sb * 8 + g;
-                        self.scale[2 * ab] = d * (sc[0] as i8) as f32;
-                        self.scale[2 * ab + 1] = d * (sc[1] as i8) as f32;
+                        self.scale[2 * ab] = d * sc[0] as f32;
+                        self.scale[2 * ab + 1] = d * sc[1] as f32;
                         self.min[ab] = 0.0;
-                        for l in 0..32 {
-                            let lo = if part < 2 { ql[l] & 0xf } else { ql[l] >> 4 };
-                            self.q[32 * ab + l] =
-                                ((lo | (((qh[l] >> (2 * part)) & 3) << 4)) as i32 - 32) as i8;
-                        }
+                        self.q[32 * ab..32 * ab + 32].copy_from_slice(&q);
                     }
                 }
             }

@@ -124,3 +124,17 @@ pub(crate) fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
         )
     }
 }
+
+/// Group `g` (0..8, 32 values) of a Q6_K block: its signed 6-bit values and the scales of its two halves of 16.
+#[inline]
+pub(crate) fn q6k_group(blk: &[u8], g: usize) -> ([i8; 32], [i8; 2]) {
+    let (half, part) = (g / 4, g % 4);
+    let ql = &blk[64 * half + 32 * (part & 1)..][..32];
+    let qh = &blk[128 + 32 * half..][..32];
+    let sc = &blk[192 + 8 * half + 2 * part..];
+    let q = std::array::from_fn(|l| {
+        let lo = if part < 2 { ql[l] & 0xf } else { ql[l] >> 4 };
+        ((lo | (((qh[l] >> (2 * part)) & 3) << 4)) as i32 - 32) as i8
+    });
+    (q, [sc[0] as i8, sc[1] as i8])
+}

@@ -5,7 +5,7 @@
 //! file define the arithmetic; SIMD kernels must agree with them exactly up to f32 summation order.
 
 use super::batched::{TILE, UnpackedRow};
-use super::dequant::q4k_scale_min;
+use super::dequant::{q4k_scale_min, q6k_group};
 use super::{GgmlType, f16_at};
 use crate::parallel::OutMatrix;
 
@@ -269,21 +269,14 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
             for (sb, blk) in w.chunks_exact(bb).enumerate() {
                 let d = f16_at(blk, 208);
                 for g in 0..8 {
-                    let (half, part) = (g / 4, g % 4);
-                    let ql = &blk[64 * half + 32 * (part & 1)..][..32];
-                    let qh = &blk[128 + 32 * half..][..32];
+                    let (q, sc) = q6k_group(blk, g);
                     let ab = sb * 8 + g;
                     let aq = &a.qs[ab * 32..ab * 32 + 32];
                     let mut s = [0i32; 2];
                     for l in 0..32 {
-                        let lo = if part < 2 { ql[l] & 0xf } else { ql[l] >> 4 };
-                        let q = (lo | (((qh[l] >> (2 * part)) & 3) << 4)) as i32 - 32;
-                        s[l / 16] += q * aq[l] as i32;
+                        s[l / 16] += q[l] as i32 * aq[l] as i32;
                     }
-                    let sc = &blk[192 + 8 * half + 2 * part..];
-                    acc += d
-                        * a.d[ab]
-                        * ((sc[0] as i8) as i32 * s[0] + (sc[1] as i8) as i32 * s[1]) as f32;
+                    acc += d * a.d[ab] * (sc[0] as i32 * s[0] + sc[1] as i32 * s[1]) as f32;
                 }
             }
         }
