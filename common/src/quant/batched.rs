@@ -209,10 +209,10 @@ mod tests {
             let mut row = UnpackedRow::new(k);
             row.fill(ty, &w);
             let tile = row.dot_tile(&act, 0..3);
-            for t in 0..3 {
+            for (t, &tiled) in tile.iter().enumerate().take(3) {
                 let want = dot_scalar(ty, &w, act.row(t));
                 let portable = row.dot(act.row(t));
-                for got in [portable, tile[t]] {
+                for got in [portable, tiled] {
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                         "{ty:?} token {t}: {got} vs {want}"
