@@ -102,61 +102,61 @@ pub fn matmul(
     precision: Precision,
 ) {
     let n = x.len() / k;
+    let row_bytes = ty.row_bytes(k);
     assert_eq!(
         w.len(),
-        rows * ty.row_bytes(k),
+        rows * row_bytes,
         "weight bytes do not match [{rows}, {k}] of {ty:?}"
     );
     assert_eq!(out.len(), n * rows);
-    let row_bytes = ty.row_bytes(k);
+    let out = OutMatrix::new(out, n, rows);
+    let weight_row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+
     let float_weights = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    match ty {
-        _ if float_weights || precision == Precision::F32 => {
-            crate::parallel::for_each_chunk(OutMatrix::new(out, n, rows), |r0, r1, sink| {
-                let mut wrow = vec![0f32; k];
-                for r in r0..r1 {
-                    super::dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
-                    for i in 0..n {
-                        sink(
-                            i,
-                            r,
-                            x[i * k..(i + 1) * k]
-                                .iter()
-                                .zip(&wrow)
-                                .map(|(a, b)| a * b)
-                                .sum(),
-                        );
+    if float_weights || precision == Precision::F32 {
+        crate::parallel::for_each_chunk(out, |r0, r1, sink| {
+            let mut wrow = vec![0f32; k];
+            for r in r0..r1 {
+                super::dequantize_row(ty, weight_row(r), &mut wrow);
+                for i in 0..n {
+                    sink(
+                        i,
+                        r,
+                        x[i * k..(i + 1) * k]
+                            .iter()
+                            .zip(&wrow)
+                            .map(|(a, b)| a * b)
+                            .sum(),
+                    );
+                }
+            }
+        });
+        return;
+    }
+
+    let act = Q8Act::quantize(x, k);
+    if n >= BATCH_MIN_TOKENS {
+        crate::parallel::for_each_chunk(out, |r0, r1, sink| {
+            let mut row = UnpackedRow::new(k);
+            for r in r0..r1 {
+                row.fill(ty, weight_row(r));
+                for t0 in (0..n).step_by(TILE) {
+                    let t1 = (t0 + TILE).min(n);
+                    for (t, v) in (t0..t1).zip(row.dot_tile(&act, t0..t1)) {
+                        sink(t, r, v);
                     }
                 }
-            });
-        }
-        _ if n >= BATCH_MIN_TOKENS => {
-            let act = Q8Act::quantize(x, k);
-            crate::parallel::for_each_chunk(OutMatrix::new(out, n, rows), |r0, r1, sink| {
-                let mut row = UnpackedRow::new(k);
-                for r in r0..r1 {
-                    row.fill(ty, &w[r * row_bytes..(r + 1) * row_bytes]);
-                    for t0 in (0..n).step_by(TILE) {
-                        let t1 = (t0 + TILE).min(n);
-                        for (t, v) in (t0..t1).zip(row.dot_tile(&act, t0..t1)) {
-                            sink(t, r, v);
-                        }
-                    }
+            }
+        });
+    } else {
+        let kernel = pick_kernel(ty);
+        crate::parallel::for_each_chunk(out, |r0, r1, sink| {
+            for r in r0..r1 {
+                for i in 0..n {
+                    sink(i, r, kernel(weight_row(r), act.row(i)));
                 }
-            });
-        }
-        _ => {
-            let act = Q8Act::quantize(x, k);
-            let kernel = pick_kernel(ty);
-            crate::parallel::for_each_chunk(OutMatrix::new(out, n, rows), |r0, r1, sink| {
-                for r in r0..r1 {
-                    let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
-                    for i in 0..n {
-                        sink(i, r, kernel(wrow, act.row(i)));
-                    }
-                }
-            });
-        }
+            }
+        });
     }
 }
 
