@@ -169,30 +169,29 @@ impl Tokenizer {
 /// Streams decoded text token by token, holding back bytes of a UTF-8 character split across tokens.
 pub struct TextStream<'a> {
     tok: &'a Tokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
+    /// Tokens not yet emitted as text (the start of a character split across tokens).
+    pending: Vec<u32>,
 }
 
 impl<'a> TextStream<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
         TextStream {
             tok,
-            ids: Vec::new(),
-            emitted: 0,
+            pending: Vec::new(),
         }
     }
 
-    /// Adds a token and returns the text that became complete.
+    /// Adds a token and returns the text that became complete. Byte-level tokens decode independently of what
+    /// came before, so only the pending tokens are decoded (linear in the answer's length).
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids)?;
+        self.pending.push(id);
+        let text = self.tok.decode(&self.pending)?;
         // An incomplete character decodes to U+FFFD at the end: wait for the rest of it.
         if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = text.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = text.len();
-        Ok(new)
+        self.pending.clear();
+        Ok(text)
     }
 }
 
