@@ -1,4 +1,9 @@
-//! Splitting a kernel's output rows over worker threads (rayon natively; one thread in wasm without threads).
+//! Splitting a kernel's output rows over worker threads.
+//!
+//! Decode calls ~7 mat-muls per layer, each a few tens of microseconds of work. A general pool (rayon) puts idle
+//! workers to sleep and wakes them with a futex per call: measured, that cost a quarter of decode time. So the
+//! kernels run on a small team of helper threads that spin briefly between jobs (as llama.cpp's threads do) and only
+//! then sleep. In wasm without threads, everything runs on the calling thread.
 
 use std::marker::PhantomData;
 
@@ -35,10 +40,18 @@ impl<'a> OutMatrix<'a> {
 }
 
 /// Work items per thread: a few, so threads that start late still balance, each a long contiguous run of rows
-/// (hardware prefetch works best on long sequential reads, and every hand-off costs a wake-up).
+/// (hardware prefetch works best on long sequential reads).
 const CHUNKS_PER_THREAD: usize = 4;
 /// Fewest rows worth handing to another thread.
 const MIN_CHUNK_ROWS: usize = 16;
+
+/// Threads that compute kernels: `TANDEM_THREADS`, else `RAYON_NUM_THREADS`, else the machine's parallelism.
+pub fn threads() -> usize {
+    #[cfg(not(target_arch = "wasm32"))]
+    return team::get().map_or(1, |t| t.threads());
+    #[cfg(target_arch = "wasm32")]
+    1
+}
 
 /// Runs `f(r0, r1, sink)` over disjoint row ranges covering `0..rows`, in parallel where threads exist;
 /// `sink(i, r, value)` stores output `[i, r]` for rows in the worker's own range.
@@ -47,12 +60,8 @@ where
     F: Fn(usize, usize, &dyn Fn(usize, usize, f32)) + Sync,
 {
     let rows = out.rows;
-    #[cfg(not(target_arch = "wasm32"))]
-    let threads = rayon::current_num_threads();
-    #[cfg(target_arch = "wasm32")]
-    let threads = 1;
     let chunk_rows = rows
-        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .div_ceil(threads() * CHUNKS_PER_THREAD)
         .max(MIN_CHUNK_ROWS);
     let chunks = rows.div_ceil(chunk_rows);
     let run = |c: usize| {
@@ -63,10 +72,202 @@ where
         });
     };
     #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        (0..chunks).into_par_iter().for_each(run);
+    if let Some(team) = team::get() {
+        return team.run(chunks, &run);
     }
-    #[cfg(target_arch = "wasm32")]
     (0..chunks).for_each(run);
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod team {
+    use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+    use std::ptr;
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// How long an idle helper spins before it sleeps: longer than the gap between two mat-muls of one decode step.
+    const SPIN: Duration = Duration::from_micros(500);
+
+    /// One job: chunks `0..chunks` of `f`, claimed by whoever is free.
+    struct Job<'a> {
+        f: &'a (dyn Fn(usize) + Sync),
+        chunks: usize,
+        next: AtomicUsize,
+        pending: AtomicUsize,
+        panicked: AtomicBool,
+    }
+
+    impl Job<'_> {
+        /// Claims and runs chunks until none is left.
+        fn work(&self) {
+            loop {
+                let c = self.next.fetch_add(1, SeqCst);
+                if c >= self.chunks {
+                    return;
+                }
+                if catch_unwind(AssertUnwindSafe(|| (self.f)(c))).is_err() {
+                    self.panicked.store(true, SeqCst);
+                }
+                self.pending.fetch_sub(1, SeqCst);
+            }
+        }
+    }
+
+    pub(super) struct Team {
+        helpers: usize,
+        /// The job being run, type-erased; null between jobs.
+        job: AtomicPtr<Job<'static>>,
+        generation: AtomicU64,
+        /// Helpers between reading `job` and finishing with it: the dispatcher waits for zero before its job dies.
+        inside: AtomicUsize,
+        sleeping: AtomicUsize,
+        lock: Mutex<()>,
+        wake: Condvar,
+        /// One dispatcher at a time; a second caller (another session's thread, or a nested call) runs serially.
+        dispatch: Mutex<()>,
+    }
+
+    pub(super) fn get() -> Option<&'static Team> {
+        static TEAM: OnceLock<Option<&'static Team>> = OnceLock::new();
+        *TEAM.get_or_init(|| {
+            let threads = ["TANDEM_THREADS", "RAYON_NUM_THREADS"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            if threads < 2 {
+                return None;
+            }
+            let team: &'static Team = Box::leak(Box::new(Team {
+                helpers: threads - 1,
+                job: AtomicPtr::new(ptr::null_mut()),
+                generation: AtomicU64::new(0),
+                inside: AtomicUsize::new(0),
+                sleeping: AtomicUsize::new(0),
+                lock: Mutex::new(()),
+                wake: Condvar::new(),
+                dispatch: Mutex::new(()),
+            }));
+            for i in 0..team.helpers {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("tandem-kernel-{i}"))
+                    .spawn(move || team.helper());
+                if spawned.is_err() {
+                    return None;
+                }
+            }
+            Some(team)
+        })
+    }
+
+    impl Team {
+        pub(super) fn threads(&self) -> usize {
+            self.helpers + 1
+        }
+
+        /// Runs `f(0..chunks)` on the caller and the helpers; returns when every chunk is done.
+        pub(super) fn run(&self, chunks: usize, f: &(dyn Fn(usize) + Sync)) {
+            let Ok(_one) = self.dispatch.try_lock() else {
+                return (0..chunks).for_each(f);
+            };
+            let job = Job {
+                f,
+                chunks,
+                next: AtomicUsize::new(0),
+                pending: AtomicUsize::new(chunks),
+                panicked: AtomicBool::new(false),
+            };
+            // SAFETY: the pointer is withdrawn, and every helper that read it has left (`inside` == 0), before
+            // `job` goes out of scope below; the lifetime is erased only for that window.
+            let erased = (&job as *const Job<'_>).cast_mut().cast::<Job<'static>>();
+            self.job.store(erased, SeqCst);
+            self.generation.fetch_add(1, SeqCst);
+            if self.sleeping.load(SeqCst) > 0 {
+                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.wake.notify_all();
+            }
+            job.work();
+            while job.pending.load(SeqCst) > 0 {
+                std::hint::spin_loop();
+            }
+            self.job.store(ptr::null_mut(), SeqCst);
+            while self.inside.load(SeqCst) > 0 {
+                std::hint::spin_loop();
+            }
+            if job.panicked.load(SeqCst) {
+                resume_unwind(Box::new("a kernel worker panicked"));
+            }
+        }
+
+        fn helper(&self) {
+            let mut seen = self.generation.load(SeqCst);
+            loop {
+                let idle = Instant::now();
+                let mut spins = 0u32;
+                while self.generation.load(SeqCst) == seen {
+                    std::hint::spin_loop();
+                    spins = spins.wrapping_add(1);
+                    if spins.is_multiple_of(256) && idle.elapsed() > SPIN {
+                        self.sleep(seen);
+                    }
+                }
+                seen = self.generation.load(SeqCst);
+                self.inside.fetch_add(1, SeqCst);
+                let job = self.job.load(SeqCst);
+                // SAFETY: non-null means the dispatcher is still in `run` and waits for `inside` to drop to zero.
+                if let Some(job) = unsafe { job.as_ref() } {
+                    job.work();
+                }
+                self.inside.fetch_sub(1, SeqCst);
+            }
+        }
+
+        fn sleep(&self, seen: u64) {
+            let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.sleeping.fetch_add(1, SeqCst);
+            while self.generation.load(SeqCst) == seen {
+                g = self.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            self.sleeping.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_written_once_even_from_many_callers() {
+        let rows = 1000;
+        std::thread::scope(|s| {
+            for caller in 0..4 {
+                s.spawn(move || {
+                    for round in 0..50 {
+                        let mut out = vec![0f32; 2 * rows];
+                        for_each_chunk(OutMatrix::new(&mut out, 2, rows), |r0, r1, sink| {
+                            for r in r0..r1 {
+                                sink(0, r, r as f32);
+                                sink(1, r, (caller * round) as f32);
+                            }
+                        });
+                        assert!((0..rows).all(|r| out[r] == r as f32));
+                        assert!(out[rows..].iter().all(|&v| v == (caller * round) as f32));
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_panicking_chunk_reaches_the_caller() {
+        let mut out = vec![0f32; 64];
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for_each_chunk(OutMatrix::new(&mut out, 1, 64), |r0, _, _| {
+                assert!(r0 != 16, "chunk at row 16 fails");
+            })
+        }));
+        assert!(r.is_err());
+    }
 }

@@ -116,7 +116,7 @@ fn main() {
         Some(i) => args.get(i + 1).cloned().expect("--llamacpp-python PATH"),
         None => "python3".into(),
     };
-    let threads = rayon_threads();
+    let threads = tandem_common::parallel::threads();
     println!(
         "tandem vs llama.cpp, {threads} threads, prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, best of {REPEATS}"
     );
@@ -160,15 +160,4 @@ fn main() {
             t.peak_rss_bytes as f64 / gguf
         );
     }
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
 }
