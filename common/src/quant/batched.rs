@@ -18,6 +18,8 @@ pub(super) struct UnpackedRow {
     q: Vec<i8>,
     scale: Vec<f32>,
     min: Vec<f32>,
+    /// Whether any `min` is non-zero (Q4_1, Q4_K); the other types skip that term.
+    has_min: bool,
 }
 
 impl UnpackedRow {
@@ -26,12 +28,14 @@ impl UnpackedRow {
             q: vec![0; k],
             scale: vec![0.0; k / 16],
             min: vec![0.0; k / 32],
+            has_min: false,
         }
     }
 
     /// Unpacks one row of `ty` blocks.
     pub(super) fn fill(&mut self, ty: GgmlType, w: &[u8]) {
         let bb = ty.block_bytes();
+        self.has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K);
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
                 for (b, blk) in w.chunks_exact(bb).enumerate() {
@@ -154,7 +158,6 @@ impl UnpackedRow {
         let rows: [ActRow<'_>; TILE] =
             std::array::from_fn(|i| act.row(tokens.start + if i < n { i } else { 0 }));
         let mut acc = [_mm256_setzero_ps(); TILE];
-        let mut mins = [0f32; TILE];
         let ones = _mm256_set1_epi16(1);
         for b in 0..self.min.len() {
             let w = unsafe { _mm256_loadu_si256(self.q.as_ptr().add(32 * b) as *const __m256i) };
@@ -175,7 +178,14 @@ impl UnpackedRow {
                     _mm256_mul_ps(sv, _mm256_set1_ps(da)),
                     acc[t],
                 );
-                mins[t] += self.min[b] * da * rows[t].sum[b] as f32;
+            }
+        }
+        let mut mins = [0f32; TILE];
+        if self.has_min {
+            for (m, a) in mins.iter_mut().zip(&rows) {
+                *m = (0..self.min.len())
+                    .map(|b| self.min[b] * a.d[b] * a.sum[b] as f32)
+                    .sum();
             }
         }
         let mut out = [0f32; TILE];

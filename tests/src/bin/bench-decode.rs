@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use tandem_common::engine::{Engine, default_device};
-use tandem_common::gguf::Gguf;
 use tandem_common::models;
 use tandem_common::sample::argmax;
 
@@ -48,8 +47,7 @@ fn peak_rss() -> u64 {
 
 fn measure_tandem(model: &str) -> (Measured, Vec<u32>) {
     let path = models::resolve(model).unwrap_or_else(|e| panic!("{e}"));
-    let engine = Engine::load(&Gguf::open(&path).expect("model parses"), &default_device())
-        .expect("model loads");
+    let engine = Engine::open(&path, &default_device()).expect("model loads");
     let ids = prompt_ids(&engine);
     let (mut best_prefill, mut best_decode) = (0f64, 0f64);
     for _ in 0..REPEATS {
