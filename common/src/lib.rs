@@ -10,6 +10,7 @@
 //! - [`models`]: the pinned model registry and cache.
 
 pub mod attention;
+pub mod codec;
 pub mod engine;
 pub mod gguf;
 pub mod kv;
