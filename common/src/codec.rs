@@ -107,7 +107,9 @@ pub enum CodecError {
     TooLarge(KvShape),
     #[error("KV chunk is not valid brotli data: {0}")]
     Brotli(String),
-    #[error("KV chunk holds {found} bytes once decompressed, {codec} needs {expected} for shape {shape:?}")]
+    #[error(
+        "KV chunk holds {found} bytes once decompressed, {codec} needs {expected} for shape {shape:?}"
+    )]
     WrongSize {
         codec: Codec,
         shape: KvShape,
@@ -121,7 +123,10 @@ pub enum CodecError {
 /// Encodes one layer's K and V (each `shape`) with `codec`.
 pub fn encode_layer(codec: Codec, shape: KvShape, layer: &LayerKv) -> Vec<u8> {
     let n = shape.values().expect("layer shape within MAX_VALUES");
-    assert!(layer.k.len() == n && layer.v.len() == n, "layer does not match {shape:?}");
+    assert!(
+        layer.k.len() == n && layer.v.len() == n,
+        "layer does not match {shape:?}"
+    );
     let mut raw = Vec::with_capacity(raw_len(codec, shape));
     match codec.bits() {
         None => {
@@ -172,8 +177,16 @@ pub fn decode_layer(codec: Codec, shape: KvShape, bytes: &[u8]) -> Result<LayerK
             let half = quantized_len(bits, shape, &key_groups(shape));
             let (a, b) = raw.split_at(half);
             (
-                scatter(&dequantize(a, bits, &key_groups(shape)), &key_groups(shape), n),
-                scatter(&dequantize(b, bits, &value_groups(shape)), &value_groups(shape), n),
+                scatter(
+                    &dequantize(a, bits, &key_groups(shape)),
+                    &key_groups(shape),
+                    n,
+                ),
+                scatter(
+                    &dequantize(b, bits, &value_groups(shape)),
+                    &value_groups(shape),
+                    n,
+                ),
             )
         }
     };
@@ -260,7 +273,9 @@ fn quantize(out: &mut Vec<u8>, bits: u32, groups: &[Vec<f32>]) {
     for vals in groups {
         let (lo, hi) = vals
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
         // Quantize against the f16-rounded parameters, so the decoder reproduces exactly these levels.
         let min = f16::from_f32(lo);
         let step = f16::from_f32((hi - lo) / top);
@@ -268,7 +283,11 @@ fn quantize(out: &mut Vec<u8>, bits: u32, groups: &[Vec<f32>]) {
         params.extend_from_slice(&min.to_le_bytes());
         params.extend_from_slice(&step.to_le_bytes());
         for &v in vals {
-            let q = if s > 0.0 { ((v - m) / s).round().clamp(0.0, top) } else { 0.0 };
+            let q = if s > 0.0 {
+                ((v - m) / s).round().clamp(0.0, top)
+            } else {
+                0.0
+            };
             packer.push(q as u32);
         }
     }
@@ -359,7 +378,11 @@ struct BitUnpacker<'a> {
 
 impl<'a> BitUnpacker<'a> {
     fn new(bytes: &'a [u8], bits: u32) -> Self {
-        BitUnpacker { bytes, bits, pos: 0 }
+        BitUnpacker {
+            bytes,
+            bits,
+            pos: 0,
+        }
     }
 
     /// The next code (the caller's lengths guarantee it exists; a short buffer reads zeros).
@@ -395,7 +418,10 @@ mod tests {
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -445,7 +471,10 @@ mod tests {
             head_dim: 64,
         };
         let bytes = encode_layer(Codec::Q4, shape, &layer(shape, 1));
-        let wrong = KvShape { tokens: 11, ..shape };
+        let wrong = KvShape {
+            tokens: 11,
+            ..shape
+        };
         assert!(matches!(
             decode_layer(Codec::Q4, wrong, &bytes),
             Err(CodecError::WrongSize { .. })

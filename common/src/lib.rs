@@ -20,3 +20,4 @@ pub mod parallel;
 pub mod quant;
 pub mod sample;
 pub mod tokenizer;
+pub mod wire;

@@ -152,3 +152,50 @@ fn bad_kv_is_refused_with_a_reason() {
         SessionError::ContextAfterTokens
     );
 }
+
+/// A context whose layers arrive while the prompt is prefilled gives the same logits as one attached whole; a stream
+/// that breaks mid-way leaves the session as it was.
+#[test]
+fn streamed_context_equals_attached_context() {
+    let e = engine("smollm2");
+    let a = e
+        .tokenizer
+        .encode("Shared context: the cloud prefills this once.")
+        .unwrap();
+    let b = e.tokenizer.encode(" The edge asks:").unwrap();
+    let ctx = e.prefill_kv(&a).unwrap();
+
+    let mut attached = e.session();
+    attached.attach_context(&ctx).unwrap();
+    let want = attached.prefill(&b).unwrap();
+
+    let mut asked = Vec::new();
+    let mut streamed = e.session();
+    let got = streamed
+        .prefill_streamed(&ctx, &b, &mut |l| {
+            asked.push(l);
+            Ok(ctx.layers[l].clone())
+        })
+        .unwrap();
+    assert_eq!(asked, (0..e.model.config().n_layers).collect::<Vec<_>>());
+    assert_eq!(got, want);
+
+    let mut broken = e.session();
+    let err = broken
+        .prefill_streamed(&ctx, &b, &mut |l| {
+            if l < 5 {
+                Ok(ctx.layers[l].clone())
+            } else {
+                Err("connection reset".into())
+            }
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "shared context stream failed at layer 5: connection reset"
+    );
+    assert!(broken.is_empty());
+    let whole: Vec<u32> = a.iter().chain(&b).copied().collect();
+    let local = broken.prefill(&whole).unwrap();
+    assert_eq!(argmax(&local), argmax(&want));
+}

@@ -190,28 +190,23 @@ impl Model {
         &self.fingerprint
     }
 
-    /// Runs `tokens` at positions `start..` through all layers. `ctx[l]` is layer l's shared-context KV (may be
-    /// absent); `own[l]` is the session's KV, which this call extends. Returns the logits of the last token.
-    pub(crate) fn forward(
+    /// Runs `tokens` at positions `start..` through all layers. `ctx(l)` gives layer l's shared-context KV (may be
+    /// absent; it is asked for just before layer l runs, so it may still be arriving); `own[l]` is the session's KV,
+    /// which this call extends. Returns the logits of the last token.
+    pub(crate) fn forward<E>(
         &self,
         tokens: &[u32],
         start: usize,
-        ctx: &[Option<DeviceKv>],
+        ctx: &mut dyn FnMut(usize) -> Result<Option<DeviceKv>, E>,
         own: &mut [DeviceKv],
         p: Precision,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, E> {
         let c = self.config();
         let mut h = self.embed(tokens);
         let rope = self.rope(start, tokens.len());
         for (l, block) in self.blocks.iter().enumerate() {
-            h = self.block(
-                block,
-                h,
-                &rope,
-                ctx.get(l).and_then(|c| c.as_ref()),
-                &mut own[l],
-                p,
-            );
+            let ctx = ctx(l)?;
+            h = self.block(block, h, &rope, ctx.as_ref(), &mut own[l], p);
         }
         let last = h.narrow(0, tokens.len() - 1, 1);
         let logits = q_linear(self.norm.forward(last), &self.output, None, p);
@@ -220,7 +215,7 @@ impl Model {
             .try_into_vec::<f32>()
             .expect("logits are f32");
         debug_assert_eq!(v.len(), c.vocab);
-        v
+        Ok(v)
     }
 
     fn embed(&self, tokens: &[u32]) -> Tensor<2> {

@@ -24,6 +24,8 @@ pub enum SessionError {
     ContextAfterTokens,
     #[error(transparent)]
     Kv(#[from] KvError),
+    #[error("shared context stream failed at layer {layer}: {reason}")]
+    Stream { layer: usize, reason: String },
 }
 
 /// State of one conversation with a model.
@@ -139,25 +141,68 @@ impl<'m> Session<'m> {
 
     /// Runs `tokens` through the model, extending the session; returns the next-token logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
-        let c = self.model.config();
-        if tokens.is_empty() {
-            return Err(SessionError::Empty);
+        let ctx = &self.ctx;
+        run(
+            self.model,
+            (&mut self.own[..], &mut self.own_tokens),
+            self.precision,
+            tokens,
+            self.ctx_tokens.len(),
+            &mut |l| Ok(ctx[l].clone()),
+        )
+    }
+
+    /// Prefills `tokens` after a shared context whose layers are still arriving: `header` describes the context
+    /// (as [`attach_context`](Self::attach_context) would check it), and `next_layer(l)` is called just before
+    /// layer l runs, for layers not attached yet, and may block until that layer is there. So loading layer l+1
+    /// overlaps computing layer l. On an error the session is left as it was before the call.
+    pub fn prefill_streamed(
+        &mut self,
+        header: &KvState,
+        tokens: &[u32],
+        next_layer: &mut dyn FnMut(usize) -> Result<LayerKv, String>,
+    ) -> Result<Vec<f32>, SessionError> {
+        let before = (
+            self.ctx.clone(),
+            self.ctx_tokens.clone(),
+            self.ctx_positions.clone(),
+        );
+        self.attach_context(&KvState {
+            layers: Vec::new(),
+            ..header.clone()
+        })?;
+        let (model, n) = (self.model, header.len());
+        let c = model.config();
+        let ctx = &mut self.ctx;
+        let own = (&mut self.own[..], &mut self.own_tokens);
+        let result = run(model, own, self.precision, tokens, n, &mut |l| {
+            if ctx[l].is_none() {
+                let layer =
+                    next_layer(l).map_err(|reason| SessionError::Stream { layer: l, reason })?;
+                let want = c.n_kv_heads * n * c.head_dim;
+                if layer.k.len() != want || layer.v.len() != want {
+                    return Err(SessionError::Stream {
+                        layer: l,
+                        reason: format!(
+                            "layer holds {} values, the context needs {want}",
+                            layer.k.len()
+                        ),
+                    });
+                }
+                ctx[l] = Some(DeviceKv::upload(
+                    &layer,
+                    c.n_kv_heads,
+                    n,
+                    c.head_dim,
+                    model.device(),
+                ));
+            }
+            Ok(ctx[l].clone())
+        });
+        if result.is_err() {
+            (self.ctx, self.ctx_tokens, self.ctx_positions) = before;
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(SessionError::BadToken { id, vocab: c.vocab });
-        }
-        if self.len() + tokens.len() > c.context_length {
-            return Err(SessionError::TooLong {
-                tokens: tokens.len(),
-                used: self.len(),
-                limit: c.context_length,
-            });
-        }
-        let logits =
-            self.model
-                .forward(tokens, self.len(), &self.ctx, &mut self.own, self.precision);
-        self.own_tokens.extend_from_slice(tokens);
-        Ok(logits)
+        result
     }
 
     /// One decoding step.
@@ -210,4 +255,52 @@ impl<'m> Session<'m> {
             layers,
         }
     }
+}
+
+/// Checks `tokens`, runs them after `ctx_len` context tokens and the session's own, and keeps their KV; on an
+/// error from `ctx`, drops whatever KV the run had appended.
+fn run(
+    model: &Model,
+    (own, own_tokens): (&mut [DeviceKv], &mut Vec<u32>),
+    precision: Precision,
+    tokens: &[u32],
+    ctx_len: usize,
+    ctx: &mut dyn FnMut(usize) -> Result<Option<DeviceKv>, SessionError>,
+) -> Result<Vec<f32>, SessionError> {
+    let c = model.config();
+    if tokens.is_empty() {
+        return Err(SessionError::Empty);
+    }
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        return Err(SessionError::BadToken { id, vocab: c.vocab });
+    }
+    let used = ctx_len + own_tokens.len();
+    if used + tokens.len() > c.context_length {
+        return Err(SessionError::TooLong {
+            tokens: tokens.len(),
+            used,
+            limit: c.context_length,
+        });
+    }
+    let own_before = own_tokens.len();
+    let result = model.forward(tokens, used, ctx, own, precision);
+    match &result {
+        Ok(_) => own_tokens.extend_from_slice(tokens),
+        Err(_) => {
+            for kv in own.iter_mut() {
+                if kv.len() > own_before {
+                    let keep = |t: &Tensor<3>| match own_before {
+                        // burn cannot narrow to nothing.
+                        0 => {
+                            let [h, _, d] = t.dims();
+                            Tensor::zeros([h, 0, d], &t.device())
+                        }
+                        n => t.clone().narrow(1, 0, n),
+                    };
+                    (kv.k, kv.v) = (keep(&kv.k), keep(&kv.v));
+                }
+            }
+        }
+    }
+    result
 }
