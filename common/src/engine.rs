@@ -100,15 +100,29 @@ impl Engine {
         session: &mut Session<'_>,
         prompt: &[u32],
         opts: &GenerateOptions,
-        mut on_token: impl FnMut(u32, &str),
+        on_token: impl FnMut(u32, &str),
     ) -> Result<(Vec<u32>, GenerateStats), EngineError> {
         let t0 = web_time::Instant::now();
+        let logits = session.prefill(prompt)?;
+        self.continue_generation(session, logits, prompt.len(), t0, opts, on_token)
+    }
+
+    /// Generates from `logits`, the output of a prefill of `prompt_tokens` tokens (done by the caller, e.g. against
+    /// a streamed context) that started at `t0`.
+    pub fn continue_generation(
+        &self,
+        session: &mut Session<'_>,
+        mut logits: Vec<f32>,
+        prompt_tokens: usize,
+        t0: web_time::Instant,
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32, &str),
+    ) -> Result<(Vec<u32>, GenerateStats), EngineError> {
         let mut sampler = Sampler::new(opts.sampling);
         let mut stream = TextStream::new(&self.tokenizer);
-        let mut logits = session.prefill(prompt)?;
         let mut out = Vec::new();
         let mut stats = GenerateStats {
-            prompt_tokens: prompt.len(),
+            prompt_tokens,
             ..Default::default()
         };
         let mut t_first = None;

@@ -227,3 +227,39 @@ pub fn chatml(messages: &[Message], add_generation_prompt: bool) -> String {
     }
     s
 }
+
+/// A chat split the CE-LSLM way: the shared context (the system message, computed once in the cloud) and the
+/// conversation after it (user data, computed on the edge). Tokenizing the parts separately gives the same ids as
+/// tokenizing the whole, because ChatML's special tokens split the text first.
+impl Tokenizer {
+    /// Tokens of a shared context: the beginning-of-sequence token where the model wants one, then `text` as the
+    /// system message.
+    pub fn context_tokens(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = self.bos_prefix();
+        ids.extend(self.encode(&chatml(&[Message::new("system", text)], false))?);
+        Ok(ids)
+    }
+
+    /// Tokens of the conversation `messages` and the assistant prompt, following a context (`after_context`) or
+    /// starting the sequence.
+    pub fn chat_tokens(
+        &self,
+        messages: &[Message],
+        after_context: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = if after_context {
+            Vec::new()
+        } else {
+            self.bos_prefix()
+        };
+        ids.extend(self.encode(&chatml(messages, true))?);
+        Ok(ids)
+    }
+
+    fn bos_prefix(&self) -> Vec<u32> {
+        match (self.add_bos, self.bos) {
+            (true, Some(b)) => vec![b],
+            _ => Vec::new(),
+        }
+    }
+}

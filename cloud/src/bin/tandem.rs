@@ -30,6 +30,67 @@ enum Command {
     Generate(GenerateArgs),
     /// List the pinned models and whether they are in the cache.
     Models,
+    /// Run the cloud server: shared-context KV over WebSocket, OpenAI-style chat, metrics.
+    Serve(ServeArgs),
+    /// Chat on this machine with a shared context whose KV streams from a cloud server.
+    Chat(ChatArgs),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// A model to serve (repeatable; the first is the default): a registry name or a .gguf path.
+    #[arg(long = "model", default_values_t = ["smollm2".to_string()])]
+    models: Vec<String>,
+    /// Register this file as a shared context of the default model at start (repeatable); its id is printed.
+    #[arg(long = "context-file")]
+    context_files: Vec<PathBuf>,
+    /// Require this bearer token from edges.
+    #[arg(long, env = "TANDEM_TOKEN")]
+    token: Option<String>,
+    /// Context KV kept in memory, MiB; the least recently used beyond it is spilled to --spill-dir.
+    #[arg(long, default_value_t = 2048)]
+    store_mib: usize,
+    #[arg(long)]
+    spill_dir: Option<PathBuf>,
+    /// Serve these static files (the chat page) at /.
+    #[arg(long)]
+    static_dir: Option<PathBuf>,
+    /// The least faithful KV codec the server picks by itself (lossless, f16, q8, q4, q2).
+    #[arg(long, default_value = "q8")]
+    quality_floor: tandem_common::codec::Codec,
+}
+
+#[derive(Parser)]
+struct ChatArgs {
+    /// The cloud server, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    cloud: Option<String>,
+    /// The shared context's id on the cloud.
+    #[arg(long)]
+    context: Option<String>,
+    /// The context's text, for a local fallback when the cloud cannot serve it (or to run without a cloud).
+    #[arg(long)]
+    context_file: Option<PathBuf>,
+    /// Model on this machine; the cloud must serve the same one under the same name.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[arg(long)]
+    prompt: String,
+    /// Insist on a KV codec (lossless, f16, q8, q4, q2); by default the cloud picks.
+    #[arg(long)]
+    codec: Option<tandem_common::codec::Codec>,
+    /// This edge's download bandwidth in Mbit/s, reported to the cloud for its codec choice.
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
+    #[arg(long, env = "TANDEM_TOKEN")]
+    token: Option<String>,
+    /// Seconds to wait for the cloud (connection, header, each layer) before computing the context locally.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
 }
 
 #[derive(Parser)]
@@ -60,6 +121,8 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
+        Command::Chat(args) => chat(args),
         Command::Models => {
             let dir = models::cache_dir();
             println!("model cache: {}", dir.display());
@@ -154,6 +217,109 @@ fn generate(args: GenerateArgs) -> Result<()> {
         stats.prefill_tokens_per_s(),
         stats.generated_tokens,
         stats.decode_tokens_per_s()
+    );
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let app = tandem_cloud::load_app(&tandem_cloud::ServeOptions {
+        models: args.models,
+        auth_token: args.token,
+        store_bytes: args.store_mib << 20,
+        spill_dir: args.spill_dir,
+        static_dir: args.static_dir,
+        quality_floor: args.quality_floor,
+    })?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        for f in &args.context_files {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let (ctx, _) = tandem_cloud::server::register_context(&app, None, &text).await?;
+            println!(
+                "context {} ({} tokens) from {}",
+                ctx.record.id,
+                ctx.record.kv.len(),
+                f.display()
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("binding {}", args.addr))?;
+        println!(
+            "tandem cloud listening on http://{}",
+            listener.local_addr()?
+        );
+        tandem_cloud::serve(app, listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        Ok(())
+    })
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+    let path = models::resolve(&args.model)?;
+    let engine = Engine::open(&path, &default_device())
+        .with_context(|| format!("loading {}", path.display()))?;
+    let cloud = match (&args.cloud, &args.context) {
+        (Some(url), Some(id)) => Some(CloudContext {
+            cloud_url: url.clone(),
+            model: args.model.clone(),
+            context: id.clone(),
+            codec: args.codec,
+            bandwidth_bps: args.bandwidth_mbps.map(|m| (m * 1e6) as u64),
+            auth: args.token.clone(),
+            timeout: std::time::Duration::from_secs_f64(args.timeout),
+        }),
+        (None, None) => None,
+        _ => bail!("--cloud and --context go together"),
+    };
+    let text = match &args.context_file {
+        Some(f) => {
+            Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+        }
+        None => None,
+    };
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        ..Default::default()
+    };
+    let mut stdout = std::io::stdout().lock();
+    let (_, stats) = chat_turn(
+        &engine,
+        &ContextSource { cloud, text },
+        &[Message::new("user", &args.prompt)],
+        &opts,
+        |_, piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        },
+    )?;
+    println!();
+    let source = match &stats.source {
+        KvSource::Cloud { codec } => format!(
+            "context KV from the cloud ({codec}, {:.1} KB, all layers after {:.0} ms)",
+            stats.kv_bytes as f64 / 1e3,
+            stats.kv_done_after.as_secs_f64() * 1e3
+        ),
+        KvSource::Local { reason } => format!("context computed locally ({reason})"),
+        KvSource::None => "no context".into(),
+    };
+    eprintln!(
+        "{source}; context {} tokens, prompt {} tokens; TTFT {:.0} ms; generated {} tokens, {:.1} tok/s",
+        stats.context_tokens,
+        stats.generate.prompt_tokens,
+        stats.ttft.as_secs_f64() * 1e3,
+        stats.generate.generated_tokens,
+        stats.generate.decode_tokens_per_s()
     );
     Ok(())
 }

@@ -1,0 +1,353 @@
+//! `GET /v1/kv`: the WebSocket that streams a context's KV to an edge, layer by layer (protocol: [`tandem_common::wire`]).
+//!
+//! Layer l+1 is encoded while layer l is on the wire. Anything malformed ends in an `Error` frame naming it; the
+//! session then closes (or, for a request it merely cannot serve, waits for the next request).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tandem_common::codec::Codec;
+use tandem_common::wire::{self, ErrorCode, Frame, PROTOCOL_VERSION};
+use warp::ws::{Message, WebSocket};
+
+use crate::metrics::ActiveSession;
+use crate::server::{App, Served};
+use crate::store::StoredContext;
+
+/// How long an edge may stay silent before its session is closed.
+const IDLE: Duration = Duration::from_secs(60);
+/// How long the cloud aims to spend sending a context, when the edge reported its bandwidth.
+const LINK_BUDGET_S: f64 = 1.0;
+
+pub async fn serve(app: Arc<App>, socket: WebSocket) {
+    let metrics = app.clone();
+    let _active = ActiveSession::start(&metrics.metrics);
+    let mut s = Session { socket, app };
+    if let Err(frame) = s.run().await {
+        if let Frame::Error { code, message } = &frame {
+            tracing::info!(?code, %message, "KV session refused");
+        }
+        s.app.metrics.kv_errors.fetch_add(1, Relaxed);
+        let _ = s.send(&frame).await;
+    }
+    let _ = s.socket.close().await;
+}
+
+struct Session {
+    socket: WebSocket,
+    app: Arc<App>,
+}
+
+struct Edge<'a> {
+    served: &'a Served,
+    codecs: Vec<Codec>,
+    bandwidth_bps: Option<u64>,
+}
+
+impl Session {
+    async fn send(&mut self, f: &Frame) -> Result<(), Frame> {
+        self.socket
+            .send(Message::binary(wire::encode(f)))
+            .await
+            .map_err(|e| Frame::error(ErrorCode::Internal, format!("send failed: {e}")))
+    }
+
+    /// The next frame; `None` when the edge closed the connection.
+    async fn next(&mut self) -> Result<Option<Frame>, Frame> {
+        loop {
+            let msg = match tokio::time::timeout(IDLE, self.socket.next()).await {
+                Err(_) => {
+                    return Err(Frame::error(
+                        ErrorCode::BadFrame,
+                        format!("idle for {} s", IDLE.as_secs()),
+                    ));
+                }
+                Ok(None) | Ok(Some(Err(_))) => return Ok(None),
+                Ok(Some(Ok(m))) => m,
+            };
+            if msg.is_close() {
+                return Ok(None);
+            }
+            if msg.is_ping() || msg.is_pong() {
+                continue;
+            }
+            if !msg.is_binary() {
+                return Err(Frame::error(
+                    ErrorCode::BadFrame,
+                    "expected a binary frame, got a text message",
+                ));
+            }
+            return wire::decode(msg.as_bytes())
+                .map(Some)
+                .map_err(|e| Frame::error(ErrorCode::BadFrame, e.to_string()));
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), Frame> {
+        let app = self.app.clone();
+        let Some(hello) = self.next().await? else {
+            return Ok(());
+        };
+        let edge = hello_check(&app, hello)?;
+        self.send(&Frame::Welcome {
+            version: PROTOCOL_VERSION,
+            server: format!("tandem-cloud {}", env!("CARGO_PKG_VERSION")),
+        })
+        .await?;
+        while let Some(frame) = self.next().await? {
+            match frame {
+                Frame::Request {
+                    context,
+                    layers,
+                    tokens,
+                    codec,
+                } => {
+                    if let Err(e) = self.request(&edge, &context, layers, tokens, codec).await {
+                        // A request the cloud cannot serve does not end the session.
+                        app.metrics.kv_errors.fetch_add(1, Relaxed);
+                        self.send(&e).await?;
+                    }
+                }
+                other => {
+                    return Err(Frame::error(
+                        ErrorCode::BadFrame,
+                        format!("expected Request, got {}", other.kind()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        edge: &Edge<'_>,
+        id: &str,
+        layers: (u32, u32),
+        tokens: Option<(u32, u32)>,
+        codec: Option<Codec>,
+    ) -> Result<(), Frame> {
+        let ctx = self.app.context(id).ok_or_else(|| {
+            Frame::error(
+                ErrorCode::UnknownContext,
+                format!("no context {id:?} on this server"),
+            )
+        })?;
+        if ctx.record.model != edge.served.name {
+            return Err(Frame::error(
+                ErrorCode::WrongModel,
+                format!(
+                    "context {id} was computed by {}, the edge runs {}",
+                    ctx.record.model, edge.served.name
+                ),
+            ));
+        }
+        let n_layers = ctx.record.kv.layers.len() as u32;
+        let n_tokens = ctx.record.kv.len() as u32;
+        if layers.0 >= layers.1 || layers.1 > n_layers {
+            return Err(Frame::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "layers {}..{} outside the context's 0..{n_layers}",
+                    layers.0, layers.1
+                ),
+            ));
+        }
+        let tokens = tokens.unwrap_or((0, n_tokens));
+        if tokens.0 >= tokens.1 || tokens.1 > n_tokens {
+            return Err(Frame::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "tokens {}..{} outside the context's 0..{n_tokens}",
+                    tokens.0, tokens.1
+                ),
+            ));
+        }
+        let codec = match codec {
+            Some(c) if edge.codecs.contains(&c) => c,
+            Some(c) => {
+                return Err(Frame::error(
+                    ErrorCode::NoCodec,
+                    format!("codec {c} was asked for but not offered in Hello"),
+                ));
+            }
+            None => choose_codec(
+                &ctx,
+                &edge.codecs,
+                edge.bandwidth_bps,
+                self.app.quality_floor,
+            )
+            .ok_or_else(|| Frame::error(ErrorCode::NoCodec, "no codec in common"))?,
+        };
+        let (t0, t1) = (tokens.0 as usize, tokens.1 as usize);
+        let kv = &ctx.record.kv;
+        self.send(&Frame::Context {
+            context: id.to_string(),
+            tokens: kv.tokens[t0..t1].to_vec(),
+            positions: kv.positions[t0..t1].to_vec(),
+            layers,
+            kv_heads: kv.kv_heads as u32,
+            head_dim: kv.head_dim as u32,
+            codec,
+        })
+        .await?;
+
+        let whole = (t0, t1) == (0, n_tokens as usize);
+        let encode = |l: usize| {
+            let ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || encoded(&ctx, codec, l, whole, t0, t1))
+        };
+        let mut sent = 0u64;
+        let mut next = Some(encode(layers.0 as usize));
+        for l in layers.0..layers.1 {
+            let payload = next
+                .take()
+                .expect("one encoding in flight")
+                .await
+                .map_err(|e| Frame::error(ErrorCode::Internal, e.to_string()))?;
+            if l + 1 < layers.1 {
+                next = Some(encode(l as usize + 1));
+            }
+            sent += payload.len() as u64;
+            self.send(&Frame::LayerChunk {
+                layer: l,
+                tokens,
+                codec,
+                checksum: wire::checksum(&payload),
+                payload: payload.to_vec(),
+            })
+            .await?;
+            self.app.metrics.kv_layers_streamed.fetch_add(1, Relaxed);
+            self.app
+                .metrics
+                .kv_bytes_streamed
+                .fetch_add(payload.len() as u64, Relaxed);
+        }
+        self.send(&Frame::Done {
+            context: id.to_string(),
+            bytes: sent,
+        })
+        .await
+    }
+}
+
+/// One layer encoded: the cached whole-context encoding, or a token slice encoded on demand.
+fn encoded(
+    ctx: &StoredContext,
+    codec: Codec,
+    layer: usize,
+    whole: bool,
+    t0: usize,
+    t1: usize,
+) -> Arc<Vec<u8>> {
+    if whole {
+        return ctx.encoded_layer(codec, layer);
+    }
+    let part = ctx
+        .record
+        .kv
+        .slice(layer..layer + 1, t0..t1)
+        .expect("ranges checked");
+    let shape = tandem_common::codec::KvShape {
+        tokens: t1 - t0,
+        ..ctx.shape()
+    };
+    Arc::new(tandem_common::codec::encode_layer(
+        codec,
+        shape,
+        &part.layers[0],
+    ))
+}
+
+fn hello_check(app: &App, hello: Frame) -> Result<Edge<'_>, Frame> {
+    let Frame::Hello {
+        version,
+        auth,
+        model,
+        weights,
+        codecs,
+        bandwidth_bps,
+    } = hello
+    else {
+        return Err(Frame::error(
+            ErrorCode::BadFrame,
+            format!("expected Hello, got {}", hello.kind()),
+        ));
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(Frame::error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+            ),
+        ));
+    }
+    if let Some(want) = &app.auth_token
+        && auth.as_deref() != Some(want.as_str())
+    {
+        return Err(Frame::error(
+            ErrorCode::Unauthorized,
+            "missing or wrong auth token",
+        ));
+    }
+    let served = app.model(Some(&model)).map_err(|_| {
+        Frame::error(
+            ErrorCode::WrongModel,
+            format!("model {model:?} is not served here"),
+        )
+    })?;
+    let have = served.engine.model.fingerprint();
+    if weights != have {
+        return Err(Frame::error(
+            ErrorCode::WrongModel,
+            format!("edge weights {weights} differ from the cloud's {model} weights {have}"),
+        ));
+    }
+    if codecs.is_empty() {
+        return Err(Frame::error(ErrorCode::NoCodec, "Hello offers no codec"));
+    }
+    Ok(Edge {
+        served,
+        codecs,
+        bandwidth_bps,
+    })
+}
+
+/// The codec the cloud picks: the most faithful one the edge decodes, no worse than `floor`, whose estimated
+/// transfer fits [`LINK_BUDGET_S`] at the edge's bandwidth; `floor` itself when none fits or the bandwidth is unknown.
+pub fn choose_codec(
+    ctx: &StoredContext,
+    offered: &[Codec],
+    bandwidth_bps: Option<u64>,
+    floor: Codec,
+) -> Option<Codec> {
+    // Codec::ALL runs from most to least faithful.
+    let allowed: Vec<Codec> = Codec::ALL
+        .into_iter()
+        .filter(|c| *c <= floor && offered.contains(c))
+        .collect();
+    let fallback = allowed
+        .last()
+        .copied()
+        .or_else(|| Codec::ALL.into_iter().rev().find(|c| offered.contains(c)))?;
+    let Some(bps) = bandwidth_bps.filter(|&b| b > 0) else {
+        return Some(fallback);
+    };
+    let values = 2 * ctx.record.kv.layers.len() * ctx.shape().values().unwrap_or(0);
+    let bits_per_value = |c: Codec| match c {
+        Codec::Lossless => 32.0,
+        Codec::F16 => 16.0,
+        // Code bits plus a 32-bit (minimum, step) pair per group of 32.
+        Codec::Q8 => 9.0,
+        Codec::Q4 => 5.0,
+        Codec::Q2 => 3.0,
+    };
+    Some(
+        allowed
+            .into_iter()
+            .find(|&c| values as f64 * bits_per_value(c) / bps as f64 <= LINK_BUDGET_S)
+            .unwrap_or(fallback),
+    )
+}

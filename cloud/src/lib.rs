@@ -1,0 +1,92 @@
+//! tandem's cloud: computes the KV of shared contexts once, keeps it, and streams it compressed to edges.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use tandem_cloud::{ServeOptions, load_app, serve};
+//! let app = load_app(&ServeOptions { models: vec!["smollm2".into()], ..Default::default() })?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! serve(app, listener, std::future::pending()).await;
+//! # Ok(()) }
+//! ```
+
+pub mod kv_stream;
+pub mod metrics;
+pub mod openai;
+pub mod server;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tandem_common::codec::Codec;
+use tandem_common::engine::{Engine, default_device};
+use tandem_common::models;
+
+pub use server::{App, Served, routes};
+
+/// How to run a server.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Models to serve, by registry name or GGUF path; the first is the default.
+    pub models: Vec<String>,
+    pub auth_token: Option<String>,
+    /// Context KV kept in memory, bytes.
+    pub store_bytes: usize,
+    /// Where contexts evicted from memory go.
+    pub spill_dir: Option<PathBuf>,
+    pub static_dir: Option<PathBuf>,
+    pub quality_floor: Codec,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            models: vec!["smollm2".into()],
+            auth_token: None,
+            store_bytes: 2 << 30,
+            spill_dir: None,
+            static_dir: None,
+            quality_floor: Codec::Q8,
+        }
+    }
+}
+
+/// Loads the models and builds the shared state.
+pub fn load_app(o: &ServeOptions) -> anyhow::Result<Arc<App>> {
+    anyhow::ensure!(!o.models.is_empty(), "no model to serve");
+    let mut served = Vec::new();
+    for name in &o.models {
+        let path = models::resolve(name)?;
+        let engine = Engine::open(&path, &default_device())
+            .with_context(|| format!("loading {}", path.display()))?;
+        served.push(Served {
+            name: name.clone(),
+            path,
+            engine: Arc::new(engine),
+        });
+    }
+    let store = store::LruStore::new(o.store_bytes, o.spill_dir.clone())
+        .context("creating the context spill directory")?;
+    Ok(Arc::new(App {
+        models: served,
+        store: Arc::new(store),
+        metrics: Default::default(),
+        auth_token: o.auth_token.clone(),
+        quality_floor: o.quality_floor,
+        static_dir: o.static_dir.clone(),
+    }))
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    warp::serve(routes(app))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}

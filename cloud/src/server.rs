@@ -1,0 +1,391 @@
+//! The cloud server's HTTP routes: contexts, health, metrics, weights and static files. The WebSocket KV stream is
+//! in [`crate::kv_stream`], the OpenAI-style endpoint in [`crate::openai`].
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tandem_common::codec::Codec;
+use tandem_common::engine::Engine;
+use tandem_common::wire::MAX_FRAME_BYTES;
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+use crate::metrics::Metrics;
+use crate::store::{ContextRecord, ContextStore, StoredContext, context_id};
+
+/// Largest request body accepted (a context document, or a chat).
+pub const MAX_BODY_BYTES: u64 = 8 << 20;
+
+/// A model the server serves.
+pub struct Served {
+    /// Name as given on the command line (`smollm2`, a path, …).
+    pub name: String,
+    pub path: PathBuf,
+    pub engine: Arc<Engine>,
+}
+
+/// Everything the handlers share.
+pub struct App {
+    pub models: Vec<Served>,
+    pub store: Arc<dyn ContextStore>,
+    pub metrics: Metrics,
+    /// Bearer token required on the KV stream, when set.
+    pub auth_token: Option<String>,
+    /// The lowest-quality codec the cloud picks on its own.
+    pub quality_floor: Codec,
+    pub static_dir: Option<PathBuf>,
+}
+
+impl App {
+    /// The served model called `name`, or the first one when `name` is absent.
+    pub fn model(&self, name: Option<&str>) -> Result<&Served, HttpError> {
+        match name {
+            None => self.models.first(),
+            Some(n) => self.models.iter().find(|m| m.name == n),
+        }
+        .ok_or_else(|| {
+            let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+            error(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "model {name:?} is not served here (serving: {})",
+                    names.join(", ")
+                ),
+            )
+        })
+    }
+
+    /// Looks a context up, counting hits and misses.
+    pub fn context(&self, id: &str) -> Option<Arc<StoredContext>> {
+        let found = self.store.get(id);
+        let counter = if found.is_some() {
+            &self.metrics.store_hits
+        } else {
+            &self.metrics.store_misses
+        };
+        counter.fetch_add(1, Relaxed);
+        found
+    }
+}
+
+/// An HTTP error, answered as OpenAI-style JSON: `{"error": {"message", "type"}}`.
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl HttpError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "message": self.message, "type": self.kind } });
+        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+    }
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.kind, self.message)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+pub fn error(status: StatusCode, kind: &'static str, message: impl Into<String>) -> HttpError {
+    HttpError {
+        status,
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Answers a handler's result, an error included.
+pub fn respond(r: Result<Response, HttpError>) -> Result<Response, Infallible> {
+    Ok(r.unwrap_or_else(HttpError::into_response))
+}
+
+/// Parses a JSON body, naming what is wrong when it does not fit.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(body).map_err(|e| HttpError::bad_request(format!("request body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct NewContext {
+    model: Option<String>,
+    text: String,
+}
+
+/// What `GET /v1/contexts/{id}` and `POST /v1/contexts` answer.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ContextInfo {
+    pub id: String,
+    pub model: String,
+    pub status: String,
+    pub tokens: usize,
+    pub layers: usize,
+    pub prefill_ms: u64,
+    /// Bytes on the wire per codec (only in `GET /v1/contexts/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sizes: Vec<(Codec, usize)>,
+}
+
+fn info(c: &StoredContext, sizes: Vec<(Codec, usize)>) -> ContextInfo {
+    ContextInfo {
+        id: c.record.id.clone(),
+        model: c.record.model.clone(),
+        status: "ready".into(),
+        tokens: c.record.kv.len(),
+        layers: c.record.kv.layers.len(),
+        prefill_ms: c.record.prefill_ms,
+        sizes,
+    }
+}
+
+/// Registers a shared context of `model` (the default when `None`): tokenizes and prefills it once, stores it, and
+/// returns it with whether it was new. Registering the same text again finds the stored one.
+pub async fn register_context(
+    app: &Arc<App>,
+    model: Option<&str>,
+    text: &str,
+) -> Result<(Arc<StoredContext>, bool), HttpError> {
+    let served = app.model(model)?;
+    let engine = served.engine.clone();
+    let id = context_id(engine.model.fingerprint(), text);
+    if let Some(c) = app.context(&id) {
+        return Ok((c, false));
+    }
+    let tokens = engine
+        .tokenizer
+        .context_tokens(text)
+        .map_err(|e| HttpError::bad_request(e.to_string()))?;
+    // Room is left for the conversation after the context.
+    let limit = engine.model.config().context_length / 2;
+    if tokens.len() > limit {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "context_too_long",
+            format!(
+                "context is {} tokens; {} accepts at most {limit} (half its context length)",
+                tokens.len(),
+                served.name
+            ),
+        ));
+    }
+    let t0 = Instant::now();
+    let n = tokens.len();
+    let kv = tokio::task::spawn_blocking(move || engine.prefill_kv(&tokens))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let prefill_ms = t0.elapsed().as_millis() as u64;
+    let m = &app.metrics;
+    m.contexts_prefilled.fetch_add(1, Relaxed);
+    m.prefill_tokens.fetch_add(n as u64, Relaxed);
+    m.prefill_ms.fetch_add(prefill_ms, Relaxed);
+    let ctx = Arc::new(StoredContext::new(ContextRecord {
+        id,
+        model: served.name.clone(),
+        kv,
+        prefill_ms,
+    }));
+    app.store.put(ctx.clone());
+    tracing::info!(id = %ctx.record.id, tokens = n, prefill_ms, "context registered");
+    Ok((ctx, true))
+}
+
+async fn register(app: Arc<App>, body: bytes::Bytes) -> Result<Response, Infallible> {
+    respond(
+        async {
+            let req: NewContext = parse_json(&body)?;
+            let (ctx, new) = register_context(&app, req.model.as_deref(), &req.text).await?;
+            let status = if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(
+                warp::reply::with_status(warp::reply::json(&info(&ctx, Vec::new())), status)
+                    .into_response(),
+            )
+        }
+        .await,
+    )
+}
+
+async fn context_status(app: Arc<App>, id: String) -> Result<Response, Infallible> {
+    let Some(c) = app.context(&id) else {
+        return respond(Err(error(
+            StatusCode::NOT_FOUND,
+            "context_not_found",
+            format!("no context {id:?}"),
+        )));
+    };
+    let sizes = tokio::task::spawn_blocking(move || {
+        let sizes = Codec::ALL.iter().map(|&k| (k, c.encoded_size(k))).collect();
+        info(&c, sizes)
+    })
+    .await;
+    Ok(match sizes {
+        Ok(i) => warp::reply::json(&i).into_response(),
+        Err(e) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response()
+        }
+    })
+}
+
+fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infallible> + Clone {
+    warp::any().map(move || app.clone())
+}
+
+/// Every route of the server.
+pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
+    let count = {
+        let app = app.clone();
+        warp::any()
+            .map(move || {
+                app.metrics.http_requests.fetch_add(1, Relaxed);
+            })
+            .untuple_one()
+    };
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| "ok".into_response());
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .map(|app: Arc<App>| {
+            warp::reply::with_header(
+                app.metrics.render(),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response()
+        });
+    let body = warp::body::content_length_limit(MAX_BODY_BYTES).and(warp::body::bytes());
+    let new_context = warp::path!("v1" / "contexts")
+        .and(warp::post())
+        .and(with_app(app.clone()))
+        .and(body)
+        .and_then(register);
+    let list_contexts = warp::path!("v1" / "contexts")
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .map(|app: Arc<App>| {
+            warp::reply::json(&serde_json::json!({ "data": app.store.ids() })).into_response()
+        });
+    let get_context = warp::path!("v1" / "contexts" / String)
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .and_then(|id, app| context_status(app, id));
+    let kv = warp::path!("v1" / "kv")
+        .and(warp::ws())
+        .and(with_app(app.clone()))
+        .map(|ws: warp::ws::Ws, app: Arc<App>| {
+            ws.max_message_size(MAX_FRAME_BYTES)
+                .max_frame_size(MAX_FRAME_BYTES)
+                .on_upgrade(move |socket| crate::kv_stream::serve(app, socket))
+                .into_response()
+        });
+    let models = warp::path!("v1" / "models")
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .map(|app: Arc<App>| {
+            let data: Vec<_> = app
+                .models
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "id": m.name, "object": "model", "owned_by": "tandem",
+                        "weights": m.engine.model.fingerprint(),
+                        "file": m.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+                    })
+                })
+                .collect();
+            warp::reply::json(&serde_json::json!({ "object": "list", "data": data }))
+                .into_response()
+        });
+    let completions = warp::path!("v1" / "chat" / "completions")
+        .and(warp::post())
+        .and(with_app(app.clone()))
+        .and(warp::body::content_length_limit(MAX_BODY_BYTES).and(warp::body::bytes()))
+        .and_then(crate::openai::completions);
+
+    // The GGUF files of the served models, for edges to download (Range requests supported).
+    let mut weights = warp::any()
+        .and_then(|| async { Err::<Response, _>(warp::reject::not_found()) })
+        .boxed();
+    for m in &app.models {
+        let file = warp::path("weights")
+            .and(warp::path(m.name.clone()))
+            .and(warp::path::end())
+            .and(warp::fs::file(m.path.clone()))
+            .map(|f: warp::fs::File| f.into_response());
+        weights = file.or(weights).unify().boxed();
+    }
+    let statics = match &app.static_dir {
+        Some(dir) => warp::fs::dir(dir.clone())
+            .map(|f: warp::fs::File| f.into_response())
+            .boxed(),
+        None => warp::any()
+            .and_then(|| async { Err::<Response, _>(warp::reject::not_found()) })
+            .boxed(),
+    };
+
+    count
+        .and(
+            health
+                .or(metrics)
+                .unify()
+                .or(new_context)
+                .unify()
+                .or(list_contexts)
+                .unify()
+                .or(get_context)
+                .unify()
+                .or(kv)
+                .unify()
+                .or(models)
+                .unify()
+                .or(completions)
+                .unify()
+                .or(weights)
+                .unify()
+                .or(statics)
+                .unify(),
+        )
+        .recover(recover)
+        .unify()
+        .boxed()
+}
+
+/// Rejections as JSON errors that say what was wrong.
+async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
+    respond(Err(if r.is_not_found() {
+        error(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if let Some(e) = r.find::<warp::reject::PayloadTooLarge>() {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("{e} (limit {MAX_BODY_BYTES} bytes)"),
+        )
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        )
+    } else {
+        HttpError::bad_request(format!("{r:?}"))
+    }))
+}

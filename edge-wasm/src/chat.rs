@@ -1,0 +1,184 @@
+//! One chat turn on the edge: the shared context's KV comes from the cloud layer by layer while the user's prompt is
+//! prefilled against the layers already there (CE-LSLM's pipelined state loading); the user's messages never leave
+//! this machine. If the cloud is unreachable, refuses, or stalls, the turn falls back to a local prefill of the
+//! context and gives the same answer.
+
+use std::time::Duration;
+
+use tandem_common::codec::Codec;
+use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats};
+use tandem_common::tokenizer::Message;
+use web_time::Instant;
+
+use crate::fetch::{FetchRequest, FetchStats, KvFetch};
+
+/// A shared context held by a cloud.
+#[derive(Debug, Clone)]
+pub struct CloudContext {
+    pub cloud_url: String,
+    /// The model's name on the cloud.
+    pub model: String,
+    pub context: String,
+    pub codec: Option<Codec>,
+    pub bandwidth_bps: Option<u64>,
+    pub auth: Option<String>,
+    pub timeout: Duration,
+}
+
+/// The context of a turn: from a cloud, with its text for a local fallback (optional when the cloud is trusted to
+/// answer), or local only.
+#[derive(Debug, Clone, Default)]
+pub struct ContextSource {
+    pub cloud: Option<CloudContext>,
+    pub text: Option<String>,
+}
+
+/// Where the context's KV came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvSource {
+    Cloud {
+        codec: Codec,
+    },
+    /// Computed here, and why.
+    Local {
+        reason: String,
+    },
+    None,
+}
+
+/// What one turn did.
+#[derive(Debug, Clone)]
+pub struct TurnStats {
+    pub generate: GenerateStats,
+    pub source: KvSource,
+    pub context_tokens: usize,
+    /// KV payload bytes received from the cloud.
+    pub kv_bytes: usize,
+    /// When the last context layer arrived, from the start of the turn.
+    pub kv_done_after: Duration,
+    /// Time to first token, from the start of the turn (connection and loading included).
+    pub ttft: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(
+        "the context could not come from the cloud ({0}) and no local copy of its text was given"
+    )]
+    NoContext(String),
+}
+
+/// Answers `messages` after `context`, calling `on_token` per generated token; returns the token ids and stats.
+pub fn chat_turn(
+    engine: &Engine,
+    context: &ContextSource,
+    messages: &[Message],
+    opts: &GenerateOptions,
+    on_token: impl FnMut(u32, &str),
+) -> Result<(Vec<u32>, TurnStats), ChatError> {
+    let t0 = Instant::now();
+    let has_context = context.cloud.is_some() || context.text.is_some();
+    let prompt = engine
+        .tokenizer
+        .chat_tokens(messages, has_context)
+        .map_err(EngineError::from)?;
+    let mut session = engine.session();
+    let mut stats = TurnStats {
+        generate: GenerateStats::default(),
+        source: KvSource::None,
+        context_tokens: 0,
+        kv_bytes: 0,
+        kv_done_after: Duration::ZERO,
+        ttft: Duration::ZERO,
+    };
+
+    let mut logits = None;
+    let mut local_tokens = None;
+    if let Some(cloud) = &context.cloud {
+        match cloud_prefill(engine, &mut session, cloud, &prompt, t0) {
+            Ok((l, codec, fetch)) => {
+                stats.source = KvSource::Cloud { codec };
+                stats.kv_bytes = fetch.kv_bytes;
+                stats.kv_done_after = fetch.done_after;
+                logits = Some(l);
+            }
+            Err((reason, header_tokens)) => {
+                stats.source = KvSource::Local { reason };
+                local_tokens = header_tokens;
+            }
+        }
+    }
+    let logits = match logits {
+        Some(l) => l,
+        None => {
+            let mut all = match (local_tokens, &context.text) {
+                (Some(t), _) => t,
+                (None, Some(text)) => engine
+                    .tokenizer
+                    .context_tokens(text)
+                    .map_err(EngineError::from)?,
+                (None, None) if context.cloud.is_none() => Vec::new(),
+                (None, None) => {
+                    let KvSource::Local { reason } = &stats.source else {
+                        unreachable!()
+                    };
+                    return Err(ChatError::NoContext(reason.clone()));
+                }
+            };
+            if context.cloud.is_none() && context.text.is_some() {
+                stats.source = KvSource::Local {
+                    reason: "no cloud configured".into(),
+                };
+            }
+            stats.context_tokens = all.len();
+            all.extend_from_slice(&prompt);
+            session = engine.session();
+            session.prefill(&all).map_err(EngineError::from)?
+        }
+    };
+    if matches!(stats.source, KvSource::Cloud { .. }) {
+        stats.context_tokens = session.len() - prompt.len();
+    }
+    let (ids, g) =
+        engine.continue_generation(&mut session, logits, prompt.len(), t0, opts, on_token)?;
+    stats.ttft = g.ttft;
+    stats.generate = g;
+    Ok((ids, stats))
+}
+
+/// Why the cloud path failed, and the context's tokens if its header had arrived.
+type CloudFailure = (String, Option<Vec<u32>>);
+
+/// The prompt prefilled against the cloud's context as it streams in. On failure: the reason, and the context's
+/// tokens when the header had arrived (so the fallback needs no local text).
+fn cloud_prefill(
+    engine: &Engine,
+    session: &mut tandem_common::model::Session<'_>,
+    cloud: &CloudContext,
+    prompt: &[u32],
+    t0: Instant,
+) -> Result<(Vec<f32>, Codec, FetchStats), CloudFailure> {
+    let mut fetch = KvFetch::start(
+        FetchRequest {
+            cloud_url: cloud.cloud_url.clone(),
+            model: cloud.model.clone(),
+            weights: engine.model.fingerprint().to_string(),
+            context: cloud.context.clone(),
+            layers: engine.model.config().n_layers as u32,
+            codec: cloud.codec,
+            codecs: Codec::ALL.to_vec(),
+            bandwidth_bps: cloud.bandwidth_bps,
+            auth: cloud.auth.clone(),
+            timeout: cloud.timeout,
+        },
+        t0,
+    )
+    .map_err(|e| (e.to_string(), None))?;
+    let header = fetch.header.clone();
+    let logits = session
+        .prefill_streamed(&header, prompt, &mut |l| fetch.layer(l, t0))
+        .map_err(|e| (e.to_string(), Some(header.tokens.clone())))?;
+    Ok((logits, fetch.codec, fetch.stats))
+}
