@@ -117,7 +117,16 @@ pub fn respond(r: Result<Response, HttpError>) -> Result<Response, Infallible> {
 
 /// Parses a JSON body, naming what is wrong when it does not fit.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
-    serde_json::from_slice(body).map_err(|e| HttpError::bad_request(format!("request body: {e}")))
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = e.path().to_string();
+        let where_ = if at == "." {
+            String::new()
+        } else {
+            format!(" at {at}")
+        };
+        HttpError::bad_request(format!("request body{where_}: {}", e.inner()))
+    })
 }
 
 #[derive(Deserialize)]

@@ -113,7 +113,7 @@ pub fn chat_turn(
     let logits = match logits {
         Some(l) => l,
         None => {
-            let mut all = match (local_tokens, &context.text) {
+            let ctx_tokens = match (local_tokens, &context.text) {
                 (Some(t), _) => t,
                 (None, Some(text)) => engine
                     .tokenizer
@@ -132,10 +132,16 @@ pub fn chat_turn(
                     reason: "no cloud configured".into(),
                 };
             }
-            stats.context_tokens = all.len();
-            all.extend_from_slice(&prompt);
+            stats.context_tokens = ctx_tokens.len();
             session = engine.session();
-            session.prefill(&all).map_err(EngineError::from)?
+            // The context as its own KV segment, then the prompt: the very computation of the cloud path, so both
+            // give the same tokens.
+            if !ctx_tokens.is_empty() {
+                session
+                    .attach_context(&engine.prefill_kv(&ctx_tokens)?)
+                    .map_err(EngineError::from)?;
+            }
+            session.prefill(&prompt).map_err(EngineError::from)?
         }
     };
     if matches!(stats.source, KvSource::Cloud { .. }) {

@@ -8,7 +8,9 @@ use tandem_common::engine::{Engine, default_device};
 use tandem_common::gguf::Gguf;
 use tandem_common::models;
 
+pub mod cloud;
 pub mod gguf_writer;
+pub mod http;
 
 /// A model from the cache, loaded once per test binary. Panics with the fetch command if it is missing.
 pub fn engine(name: &str) -> &'static Engine {

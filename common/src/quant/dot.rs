@@ -119,15 +119,7 @@ pub fn matmul(
             for r in r0..r1 {
                 super::dequantize_row(ty, weight_row(r), &mut wrow);
                 for i in 0..n {
-                    sink(
-                        i,
-                        r,
-                        x[i * k..(i + 1) * k]
-                            .iter()
-                            .zip(&wrow)
-                            .map(|(a, b)| a * b)
-                            .sum(),
-                    );
+                    sink(i, r, dot_f32(&x[i * k..(i + 1) * k], &wrow));
                 }
             }
         });
@@ -158,6 +150,26 @@ pub fn matmul(
             }
         });
     }
+}
+
+/// f32 dot product in 16 independent lanes: a single running sum would serialise every add (and cannot be
+/// vectorised without reordering, which only explicit lanes allow).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for j in 0..L {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The portable reference for [`matmul`] on quantized weights: one thread, no SIMD.
