@@ -30,6 +30,15 @@ demo prompt="Write a haiku about sharing work between a cloud and a small device
 generate model prompt *args: build
     {{tandem}} generate --model {{model}} --prompt "{{prompt}}" {{args}}
 
+# Run the cloud server (KV streaming, OpenAI-style chat, metrics) with a shared context: `just cloud`, or with
+# other options: `just cloud --model qwen-0.5b --context-file doc.txt`.
+cloud *args: (models "smollm2") build
+    {{tandem}} serve {{ if args == "" { "--context-file README.md" } else { args } }}
+
+# Chat on this machine with a context whose KV streams from a cloud: `just chat ID "question"`.
+chat context prompt cloud="http://127.0.0.1:8080" *args: build
+    {{tandem}} chat --cloud {{cloud}} --context {{context}} --prompt "{{prompt}}" {{args}}
+
 # All tests (fetches the two models the tests use first).
 test: (models "smollm2" "qwen-0.5b")
     cargo test --release --workspace
