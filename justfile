@@ -64,5 +64,10 @@ fixtures: (models "smollm2" "qwen-0.5b") llamacpp
 bench-decode: (models "smollm2" "qwen-0.5b") llamacpp
     cargo run --release -p tandem-tests --bin bench-decode -- --llamacpp-python "{{llamacpp_venv}}/bin/python"
 
+# Time to first token with context KV streamed over an emulated 100 Mb/s, 20 ms link, pipelined or not, vs local
+# prefill; wire bytes per codec (`just bench-stream --quick` for the small model).
+bench-stream *args: (models "smollm2" "qwen-0.5b")
+    cargo run --release -p tandem-tests --bin bench-stream -- {{args}}
+
 # Every benchmark.
-bench: bench-decode
+bench: bench-decode bench-stream

@@ -18,8 +18,8 @@ use crate::store::StoredContext;
 
 /// How long an edge may stay silent before its session is closed.
 const IDLE: Duration = Duration::from_secs(60);
-/// How long the cloud aims to spend sending a context, when the edge reported its bandwidth.
-const LINK_BUDGET_S: f64 = 1.0;
+/// Transfer time below which a more faithful codec than the quality floor costs the edge nothing noticeable.
+const LINK_BUDGET_S: f64 = 0.25;
 
 pub async fn serve(app: Arc<App>, socket: WebSocket) {
     let metrics = app.clone();
@@ -315,8 +315,9 @@ fn hello_check(app: &App, hello: Frame) -> Result<Edge<'_>, Frame> {
     })
 }
 
-/// The codec the cloud picks: the most faithful one the edge decodes, no worse than `floor`, whose estimated
-/// transfer fits [`LINK_BUDGET_S`] at the edge's bandwidth; `floor` itself when none fits or the bandwidth is unknown.
+/// The codec the cloud picks: `floor` (the least faithful it allows), unless a more faithful one the edge decodes
+/// would still arrive within [`LINK_BUDGET_S`] at the edge's reported bandwidth. Time to first token is bounded by the
+/// transfer, so faithfulness beyond the floor is only bought when it is nearly free.
 pub fn choose_codec(
     ctx: &StoredContext,
     offered: &[Codec],

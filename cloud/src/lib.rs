@@ -9,6 +9,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod codec_report;
 pub mod kv_stream;
 pub mod metrics;
 pub mod openai;

@@ -34,6 +34,23 @@ enum Command {
     Serve(ServeArgs),
     /// Chat on this machine with a shared context whose KV streams from a cloud server.
     Chat(ChatArgs),
+    /// For a real context: wire bytes per token of each KV codec and its effect on the next tokens.
+    CodecReport(CodecReportArgs),
+}
+
+#[derive(Parser)]
+struct CodecReportArgs {
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// The shared context (default: this project's README).
+    #[arg(long)]
+    context_file: Option<PathBuf>,
+    /// Tokens compared per question.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// Mat-mul precision of both runs: f32 isolates the codec; q8 (the fast path) adds activation-rounding flips.
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Parser)]
@@ -123,6 +140,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
         Command::Chat(args) => chat(args),
+        Command::CodecReport(args) => codec_report(args),
         Command::Models => {
             let dir = models::cache_dir();
             println!("model cache: {}", dir.display());
@@ -321,5 +339,56 @@ fn chat(args: ChatArgs) -> Result<()> {
         stats.generate.generated_tokens,
         stats.generate.decode_tokens_per_s()
     );
+    Ok(())
+}
+
+fn codec_report(args: CodecReportArgs) -> Result<()> {
+    use tandem_common::quant::Precision;
+    let precision = match args.precision.as_str() {
+        "f32" => Precision::F32,
+        "q8" => Precision::Q8,
+        other => bail!("--precision is f32 or q8, not {other:?}"),
+    };
+    let path = models::resolve(&args.model)?;
+    let engine = Engine::open(&path, &default_device())
+        .with_context(|| format!("loading {}", path.display()))?;
+    let text = match &args.context_file {
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        None => include_str!("../../../README.md").to_string(),
+    };
+    let questions = [
+        "Summarise the context in two sentences.",
+        "What is the most important detail in the context?",
+        "Write one question a reader might ask about it.",
+    ];
+    eprintln!(
+        "measuring {} codecs on {} context tokens, {} questions × {} tokens, {:?} mat-muls …",
+        tandem_common::codec::Codec::ALL.len(),
+        engine.tokenizer.context_tokens(&text)?.len(),
+        questions.len(),
+        args.steps,
+        precision
+    );
+    let rows = tandem_cloud::codec_report::codec_report(
+        &engine, &text, &questions, args.steps, precision,
+    )?;
+    println!(
+        "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11}",
+        "codec", "bytes", "bytes/token", "vs f16", "top-1 agree", "encode ms", "decode ms"
+    );
+    for r in rows {
+        println!(
+            "{:<9} {:>12} {:>12.0} {:>9.1}x {:>10.2}% {:>11.1} {:>11.1}",
+            r.codec.to_string(),
+            r.bytes,
+            r.bytes_per_token,
+            r.smaller_than_f16,
+            r.agreement * 100.0,
+            r.encode_ms,
+            r.decode_ms
+        );
+    }
     Ok(())
 }

@@ -296,11 +296,30 @@ impl Model {
             .permute([1, 2, 0, 3])
             .reshape([nkv, g * t, hd]);
         let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
-        let before = own.len();
-        own.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
-
-        let mask = (t > 1).then(|| self.causal_mask(g, t, before));
-        let mut att: Partial = attention::attend(q.clone(), own.k.clone(), own.v.clone(), mask);
+        let (k, v) = (k.swap_dims(0, 1), v.swap_dims(0, 1));
+        let mut att: Partial = if t == 1 {
+            own.append(k, v);
+            attention::attend(q.clone(), own.k.clone(), own.v.clone(), None)
+        } else {
+            // Several tokens attend to themselves causally and to the session's earlier tokens without a mask,
+            // merged like any two segments: the mask stays t × t however long the session is.
+            let fresh = attention::attend(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(self.causal_mask(g, t)),
+            );
+            let att = if own.is_empty() {
+                fresh
+            } else {
+                attention::merge(
+                    attention::attend(q.clone(), own.k.clone(), own.v.clone(), None),
+                    fresh,
+                )
+            };
+            own.append(k, v);
+            att
+        };
         if let Some(ctx) = ctx.filter(|c| !c.is_empty()) {
             att = attention::merge(
                 attention::attend(q, ctx.k.clone(), ctx.v.clone(), None),
@@ -319,16 +338,12 @@ impl Model {
         h + b.down.forward(ff, p)
     }
 
-    /// Additive mask `[g·t, before + t]`: query row `j·t + i` sees own keys `0..=before + i`.
-    fn causal_mask(&self, g: usize, t: usize, before: usize) -> Tensor<2> {
-        let keys = before + t;
-        let mut m = vec![0f32; g * t * keys];
+    /// Additive causal mask `[g·t, t]`: query row `j·t + i` sees keys `0..=i`.
+    fn causal_mask(&self, g: usize, t: usize) -> Tensor<2> {
+        let mut m = vec![0f32; g * t * t];
         for r in 0..g * t {
-            let i = r % t;
-            for k in before + i + 1..keys {
-                m[r * keys + k] = f32::NEG_INFINITY;
-            }
+            m[r * t + r % t + 1..(r + 1) * t].fill(f32::NEG_INFINITY);
         }
-        Tensor::from_data(TensorData::new(m, [g * t, keys]), self.device())
+        Tensor::from_data(TensorData::new(m, [g * t, t]), self.device())
     }
 }

@@ -28,6 +28,9 @@ pub enum SessionError {
     Stream { layer: usize, reason: String },
 }
 
+/// Tokens run through the model at once by a prefill; longer inputs go in chunks of this size.
+pub const PREFILL_CHUNK: usize = 128;
+
 /// State of one conversation with a model.
 pub struct Session<'m> {
     model: &'m Model,
@@ -283,24 +286,33 @@ fn run(
         });
     }
     let own_before = own_tokens.len();
-    let result = model.forward(tokens, used, ctx, own, precision);
-    match &result {
-        Ok(_) => own_tokens.extend_from_slice(tokens),
-        Err(_) => {
-            for kv in own.iter_mut() {
-                if kv.len() > own_before {
-                    let keep = |t: &Tensor<3>| match own_before {
-                        // burn cannot narrow to nothing.
-                        0 => {
-                            let [h, _, d] = t.dims();
-                            Tensor::zeros([h, 0, d], &t.device())
-                        }
-                        n => t.clone().narrow(1, 0, n),
-                    };
-                    (kv.k, kv.v) = (keep(&kv.k), keep(&kv.v));
+    let mut logits = Vec::new();
+    // Long inputs run in chunks: attention scores and masks grow with chunk × keys, not tokens × keys.
+    for chunk in tokens.chunks(PREFILL_CHUNK) {
+        let at = ctx_len + own_tokens.len();
+        match model.forward(chunk, at, ctx, own, precision) {
+            Ok(l) => {
+                own_tokens.extend_from_slice(chunk);
+                logits = l;
+            }
+            Err(e) => {
+                own_tokens.truncate(own_before);
+                for kv in own.iter_mut() {
+                    if kv.len() > own_before {
+                        let keep = |t: &Tensor<3>| match own_before {
+                            // burn cannot narrow to nothing.
+                            0 => {
+                                let [h, _, d] = t.dims();
+                                Tensor::zeros([h, 0, d], &t.device())
+                            }
+                            n => t.clone().narrow(1, 0, n),
+                        };
+                        (kv.k, kv.v) = (keep(&kv.k), keep(&kv.v));
+                    }
                 }
+                return Err(e);
             }
         }
     }
-    result
+    Ok(logits)
 }

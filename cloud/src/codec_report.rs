@@ -1,0 +1,115 @@
+//! `tandem codec-report`: for a real context, what each KV codec costs on the wire and what it does to the next
+//! tokens (top-1 agreement with exact KV, teacher-forced along the exact run's greedy tokens).
+
+use std::time::Instant;
+
+use tandem_common::codec::{Codec, decode_layer, encode_layer};
+use tandem_common::engine::{Engine, EngineError};
+use tandem_common::kv::KvState;
+use tandem_common::quant::Precision;
+use tandem_common::sample::argmax;
+use tandem_common::tokenizer::Message;
+
+/// One codec's line of the report.
+#[derive(Debug, Clone)]
+pub struct CodecRow {
+    pub codec: Codec,
+    pub bytes: usize,
+    pub bytes_per_token: f64,
+    /// Relative to f16 (the size a plain half-precision cache would have on the wire, uncompressed).
+    pub smaller_than_f16: f64,
+    pub agreement: f64,
+    pub encode_ms: f64,
+    pub decode_ms: f64,
+}
+
+/// Measures every codec on the KV of `context` (as a system message) for `questions`, `steps` tokens each.
+pub fn codec_report(
+    engine: &Engine,
+    context: &str,
+    questions: &[&str],
+    steps: usize,
+    precision: Precision,
+) -> Result<Vec<CodecRow>, EngineError> {
+    let exact = engine.prefill_kv(&engine.tokenizer.context_tokens(context)?)?;
+    let mut references = Vec::new();
+    for q in questions {
+        let prompt = engine
+            .tokenizer
+            .chat_tokens(&[Message::new("user", q)], true)?;
+        let ids = teacher_forced(engine, &exact, &prompt, None, steps, precision)?.1;
+        references.push((prompt, ids));
+    }
+    let shape = tandem_common::codec::KvShape {
+        kv_heads: exact.kv_heads,
+        tokens: exact.len(),
+        head_dim: exact.head_dim,
+    };
+    let f16_bytes = (exact.layers.len() * 2 * shape.values().unwrap_or(0) * 2) as f64;
+    let mut rows = Vec::new();
+    for codec in Codec::ALL {
+        let t = Instant::now();
+        let encoded: Vec<Vec<u8>> = exact
+            .layers
+            .iter()
+            .map(|l| encode_layer(codec, shape, l))
+            .collect();
+        let encode_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let layers = encoded
+            .iter()
+            .map(|b| decode_layer(codec, shape, b).expect("own encoding decodes"))
+            .collect();
+        let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+        let received = KvState {
+            layers,
+            ..exact.clone()
+        };
+        let (mut agree, mut total) = (0, 0);
+        for (prompt, ids) in &references {
+            let (hits, _) = teacher_forced(engine, &received, prompt, Some(ids), steps, precision)?;
+            agree += hits;
+            total += ids.len();
+        }
+        let bytes: usize = encoded.iter().map(Vec::len).sum();
+        rows.push(CodecRow {
+            codec,
+            bytes,
+            bytes_per_token: bytes as f64 / exact.len() as f64,
+            smaller_than_f16: f16_bytes / bytes as f64,
+            agreement: agree as f64 / total.max(1) as f64,
+            encode_ms,
+            decode_ms,
+        });
+    }
+    Ok(rows)
+}
+
+/// Runs `prompt` after `ctx` for `steps` tokens: greedy when `follow` is `None`, else fed `follow`'s tokens while
+/// counting how often its own top-1 agrees. Returns (agreements, tokens fed).
+fn teacher_forced(
+    engine: &Engine,
+    ctx: &KvState,
+    prompt: &[u32],
+    follow: Option<&[u32]>,
+    steps: usize,
+    precision: Precision,
+) -> Result<(usize, Vec<u32>), EngineError> {
+    let steps = follow.map_or(steps, <[u32]>::len);
+    let mut s = engine.session();
+    s.set_precision(precision);
+    s.attach_context(ctx)?;
+    let mut logits = s.prefill(prompt)?;
+    let (mut hits, mut fed) = (0, Vec::new());
+    for i in 0..steps {
+        let top = argmax(&logits);
+        let t = follow.map_or(top, |f| f[i]);
+        hits += usize::from(top == t);
+        fed.push(t);
+        if s.len() + 1 > engine.model.config().context_length {
+            break;
+        }
+        logits = s.decode(t)?;
+    }
+    Ok((hits, fed))
+}
