@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tandem_common::codec::{Codec, decode_layer, encode_layer};
+use tandem_common::codec::{Codec, RopeParams, decode_layer, encode_layer};
 use tandem_common::engine::{Engine, EngineError};
 use tandem_common::kv::KvState;
 use tandem_common::quant::Precision;
@@ -46,19 +46,20 @@ pub fn codec_report(
         head_dim: exact.head_dim,
     };
     let f16_bytes = (exact.layers.len() * 2 * shape.values().unwrap_or(0) * 2) as f64;
+    let rotary = RopeParams::of(engine.model.config()).at(&exact.positions);
     let mut rows = Vec::new();
     for codec in Codec::ALL {
         let t = Instant::now();
         let encoded: Vec<Vec<u8>> = exact
             .layers
             .iter()
-            .map(|l| encode_layer(codec, shape, l))
+            .map(|l| encode_layer(codec, shape, Some(rotary), l))
             .collect();
         let encode_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let layers = encoded
             .iter()
-            .map(|b| decode_layer(codec, shape, b).expect("own encoding decodes"))
+            .map(|b| decode_layer(codec, shape, Some(rotary), b).expect("own encoding decodes"))
             .collect();
         let decode_ms = t.elapsed().as_secs_f64() * 1e3;
         let received = KvState {

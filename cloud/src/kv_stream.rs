@@ -257,6 +257,7 @@ fn encoded(
     Arc::new(tandem_common::codec::encode_layer(
         codec,
         shape,
+        Some(ctx.record.rope.at(&part.positions)),
         &part.layers[0],
     ))
 }

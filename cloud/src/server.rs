@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tandem_common::codec::Codec;
+use tandem_common::codec::{Codec, RopeParams};
 use tandem_common::engine::Engine;
 use tandem_common::wire::MAX_FRAME_BYTES;
 use warp::Filter;
@@ -205,6 +205,7 @@ pub async fn register_context(
     let ctx = Arc::new(StoredContext::new(ContextRecord {
         id,
         model: served.name.clone(),
+        rope: RopeParams::of(served.engine.model.config()),
         kv,
         prefill_ms,
     }));

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tandem_common::codec::{Codec, KvShape, encode_layer};
+use tandem_common::codec::{Codec, KvShape, RopeParams, encode_layer};
 use tandem_common::kv::KvState;
 
 /// A context's id: a hash over the weights it was computed with and its text.
@@ -29,6 +29,8 @@ pub struct ContextRecord {
     /// The served model's name.
     pub model: String,
     pub kv: KvState,
+    /// The model's rotary embedding (the codecs quantize keys without it).
+    pub rope: RopeParams,
     /// How long the cloud's prefill took, milliseconds.
     pub prefill_ms: u64,
 }
@@ -70,10 +72,12 @@ impl StoredContext {
         if let Some(e) = self.lock().get(&(codec, layer)) {
             return e.clone();
         }
+        let kv = &self.record.kv;
         let e = Arc::new(encode_layer(
             codec,
             self.shape(),
-            &self.record.kv.layers[layer],
+            Some(self.record.rope.at(&kv.positions)),
+            &kv.layers[layer],
         ));
         self.lock().insert((codec, layer), e.clone());
         e
@@ -257,6 +261,10 @@ mod tests {
                     k: vec![1.0; values],
                     v: vec![2.0; values],
                 }],
+            },
+            rope: RopeParams {
+                theta: 1e4,
+                neox: true,
             },
             prefill_ms: 1,
         }))

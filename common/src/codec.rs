@@ -11,8 +11,8 @@
 //! use tandem_common::kv::LayerKv;
 //! let shape = KvShape { kv_heads: 2, tokens: 3, head_dim: 4 };
 //! let layer = LayerKv { k: (0..24).map(|i| i as f32).collect(), v: vec![0.5; 24] };
-//! let bytes = encode_layer(Codec::Lossless, shape, &layer);
-//! assert_eq!(decode_layer(Codec::Lossless, shape, &bytes).unwrap(), layer);
+//! let bytes = encode_layer(Codec::Lossless, shape, None, &layer);
+//! assert_eq!(decode_layer(Codec::Lossless, shape, None, &bytes).unwrap(), layer);
 //! ```
 
 use std::io::{Read, Write};
@@ -118,10 +118,81 @@ pub enum CodecError {
     },
     #[error("KV chunk decodes to a non-finite value")]
     NotFinite,
+    #[error("{positions} key positions given for {tokens} tokens")]
+    Positions { positions: usize, tokens: usize },
 }
 
-/// Encodes one layer's K and V (each `shape`) with `codec`.
-pub fn encode_layer(codec: Codec, shape: KvShape, layer: &LayerKv) -> Vec<u8> {
+/// The rotary embedding on the keys. Quantized codecs take it off before grouping keys by channel and put it back
+/// after decoding (pre-RoPE key quantization, as KVQuant): un-rotated, a key channel keeps one scale across tokens,
+/// while rotation smears each channel pair's magnitude over both.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotary<'a> {
+    pub theta: f64,
+    /// NEOX pairs channel i with i + d/2 (Qwen2); otherwise 2i with 2i + 1 (llama).
+    pub neox: bool,
+    /// Position of each token of the chunk.
+    pub positions: &'a [u32],
+}
+
+/// A model's rotary embedding, without positions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RopeParams {
+    pub theta: f64,
+    pub neox: bool,
+}
+
+impl RopeParams {
+    pub fn of(c: &crate::model::ModelConfig) -> Self {
+        RopeParams {
+            theta: c.rope_theta,
+            neox: c.rope_style == crate::model::RopeStyle::Neox,
+        }
+    }
+
+    /// The embedding of keys at `positions`.
+    pub fn at(self, positions: &[u32]) -> Rotary<'_> {
+        Rotary {
+            theta: self.theta,
+            neox: self.neox,
+            positions,
+        }
+    }
+}
+
+impl Rotary<'_> {
+    /// Rotates keys `[heads][tokens][head_dim]` by their positions, or back (`inverse`).
+    fn apply(&self, k: &mut [f32], s: KvShape, inverse: bool) {
+        let half = s.head_dim / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        for (t, &p) in self.positions.iter().enumerate().take(s.tokens) {
+            for i in 0..half {
+                let freq = self.theta.powf(-2.0 * i as f64 / s.head_dim as f64);
+                let (sin, cos) = (p as f64 * freq).sin_cos();
+                let (sin, cos) = ((sign * sin) as f32, cos as f32);
+                for h in 0..s.kv_heads {
+                    let row = (h * s.tokens + t) * s.head_dim;
+                    let (a, b) = if self.neox {
+                        (row + i, row + i + half)
+                    } else {
+                        (row + 2 * i, row + 2 * i + 1)
+                    };
+                    let (x, y) = (k[a], k[b]);
+                    k[a] = x * cos - y * sin;
+                    k[b] = y * cos + x * sin;
+                }
+            }
+        }
+    }
+}
+
+/// Encodes one layer's K and V (each `shape`) with `codec`; `rotary` describes the keys' rotary embedding (used by
+/// the quantized codecs, see [`Rotary`]; the decoder must be given the same).
+pub fn encode_layer(
+    codec: Codec,
+    shape: KvShape,
+    rotary: Option<Rotary<'_>>,
+    layer: &LayerKv,
+) -> Vec<u8> {
     let n = shape.values().expect("layer shape within MAX_VALUES");
     assert!(
         layer.k.len() == n && layer.v.len() == n,
@@ -137,7 +208,11 @@ pub fn encode_layer(codec: Codec, shape: KvShape, layer: &LayerKv) -> Vec<u8> {
         }
         Some(bits) => {
             let (kg, vg) = (key_groups(shape), value_groups(shape));
-            quantize(&mut raw, bits, &gather(&layer.k, &kg));
+            let mut keys = layer.k.clone();
+            if let Some(r) = rotary {
+                r.apply(&mut keys, shape, true);
+            }
+            quantize(&mut raw, bits, &gather(&keys, &kg));
             quantize(&mut raw, bits, &gather(&layer.v, &vg));
         }
     }
@@ -151,7 +226,12 @@ pub fn encode_layer(codec: Codec, shape: KvShape, layer: &LayerKv) -> Vec<u8> {
 }
 
 /// Decodes what [`encode_layer`] made; every malformed input is an error, never a panic.
-pub fn decode_layer(codec: Codec, shape: KvShape, bytes: &[u8]) -> Result<LayerKv, CodecError> {
+pub fn decode_layer(
+    codec: Codec,
+    shape: KvShape,
+    rotary: Option<Rotary<'_>>,
+    bytes: &[u8],
+) -> Result<LayerKv, CodecError> {
     let n = shape.values().ok_or(CodecError::TooLarge(shape))?;
     let expected = raw_len(codec, shape);
     let mut raw = Vec::with_capacity(expected);
@@ -176,18 +256,18 @@ pub fn decode_layer(codec: Codec, shape: KvShape, bytes: &[u8]) -> Result<LayerK
         Some(bits) => {
             let half = quantized_len(bits, shape, &key_groups(shape));
             let (a, b) = raw.split_at(half);
-            (
-                scatter(
-                    &dequantize(a, bits, &key_groups(shape)),
-                    &key_groups(shape),
-                    n,
-                ),
-                scatter(
-                    &dequantize(b, bits, &value_groups(shape)),
-                    &value_groups(shape),
-                    n,
-                ),
-            )
+            let (kg, vg) = (key_groups(shape), value_groups(shape));
+            let mut keys = scatter(&dequantize(a, bits, &kg), &kg, n);
+            if let Some(r) = rotary {
+                if r.positions.len() != shape.tokens {
+                    return Err(CodecError::Positions {
+                        positions: r.positions.len(),
+                        tokens: shape.tokens,
+                    });
+                }
+                r.apply(&mut keys, shape, false);
+            }
+            (keys, scatter(&dequantize(b, bits, &vg), &vg, n))
         }
     };
     if k.iter().chain(&v).any(|x| !x.is_finite()) {
@@ -433,8 +513,8 @@ mod tests {
         };
         let l = layer(shape, 7);
         for codec in Codec::ALL {
-            let bytes = encode_layer(codec, shape, &l);
-            let d = decode_layer(codec, shape, &bytes).unwrap();
+            let bytes = encode_layer(codec, shape, None, &l);
+            let d = decode_layer(codec, shape, None, &bytes).unwrap();
             let err = max_err(&l.k, &d.k).max(max_err(&l.v, &d.v));
             // Largest range in a group is 80 (keys' outlier channel); half a step of each code width.
             let bound = match codec {
@@ -458,7 +538,7 @@ mod tests {
         let l = layer(shape, 3);
         let sizes: Vec<usize> = Codec::ALL
             .iter()
-            .map(|&c| encode_layer(c, shape, &l).len())
+            .map(|&c| encode_layer(c, shape, None, &l).len())
             .collect();
         assert!(sizes.windows(2).all(|w| w[0] > w[1]), "{sizes:?}");
     }
@@ -470,17 +550,17 @@ mod tests {
             tokens: 10,
             head_dim: 64,
         };
-        let bytes = encode_layer(Codec::Q4, shape, &layer(shape, 1));
+        let bytes = encode_layer(Codec::Q4, shape, None, &layer(shape, 1));
         let wrong = KvShape {
             tokens: 11,
             ..shape
         };
         assert!(matches!(
-            decode_layer(Codec::Q4, wrong, &bytes),
+            decode_layer(Codec::Q4, wrong, None, &bytes),
             Err(CodecError::WrongSize { .. })
         ));
         assert!(matches!(
-            decode_layer(Codec::Q8, shape, &bytes),
+            decode_layer(Codec::Q8, shape, None, &bytes),
             Err(CodecError::WrongSize { .. })
         ));
         let huge = KvShape {
@@ -489,11 +569,42 @@ mod tests {
             head_dim: 1 << 20,
         };
         assert_eq!(
-            decode_layer(Codec::Q4, huge, &bytes),
+            decode_layer(Codec::Q4, huge, None, &bytes),
             Err(CodecError::TooLarge(huge))
         );
         for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
-            assert!(decode_layer(Codec::Q4, shape, &bytes[..cut]).is_err());
+            assert!(decode_layer(Codec::Q4, shape, None, &bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn keys_quantized_without_rotary_come_back_rotated() {
+        let shape = KvShape {
+            kv_heads: 2,
+            tokens: 40,
+            head_dim: 64,
+        };
+        let l = layer(shape, 5);
+        let positions: Vec<u32> = (100..140).collect();
+        for neox in [true, false] {
+            let rope = RopeParams { theta: 1e4, neox }.at(&positions);
+            // Rotating and un-rotating is the identity.
+            let mut k = l.k.clone();
+            rope.apply(&mut k, shape, true);
+            rope.apply(&mut k, shape, false);
+            assert!(max_err(&k, &l.k) < 1e-3);
+            let bytes = encode_layer(Codec::Q8, shape, Some(rope), &l);
+            let d = decode_layer(Codec::Q8, shape, Some(rope), &bytes).unwrap();
+            // An un-rotated pair's magnitude spreads over both channels: at most √2 × the range per channel.
+            assert!(max_err(&l.k, &d.k) <= 2.0 * (80.0 / 255.0 / 2.0) + 0.05);
+            let short = RopeParams { theta: 1e4, neox }.at(&positions[1..]);
+            assert_eq!(
+                decode_layer(Codec::Q8, shape, Some(short), &bytes),
+                Err(CodecError::Positions {
+                    positions: 39,
+                    tokens: 40
+                })
+            );
         }
     }
 
@@ -502,14 +613,14 @@ mod tests {
         fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600),
                                               codec in 0usize..5, tokens in 0usize..40) {
             let shape = KvShape { kv_heads: 2, tokens, head_dim: 32 };
-            let _ = decode_layer(Codec::ALL[codec], shape, &bytes);
+            let _ = decode_layer(Codec::ALL[codec], shape, None, &bytes);
         }
 
         #[test]
         fn quantized_round_trip_within_half_a_step(tokens in 1usize..70, head_dim in 1usize..70, seed in any::<u32>()) {
             let shape = KvShape { kv_heads: 1, tokens, head_dim };
             let l = layer(shape, seed);
-            let d = decode_layer(Codec::Q8, shape, &encode_layer(Codec::Q8, shape, &l)).unwrap();
+            let d = decode_layer(Codec::Q8, shape, None, &encode_layer(Codec::Q8, shape, None, &l)).unwrap();
             prop_assert!(max_err(&l.k, &d.k) <= 80.0 / 255.0 / 2.0 + 0.05);
             prop_assert!(max_err(&l.v, &d.v) <= 80.0 / 255.0 / 2.0 + 0.05);
         }

@@ -173,6 +173,7 @@ fn cloud_prefill(
             weights: engine.model.fingerprint().to_string(),
             context: cloud.context.clone(),
             layers: engine.model.config().n_layers as u32,
+            rope: tandem_common::codec::RopeParams::of(engine.model.config()),
             codec: cloud.codec,
             codecs: Codec::ALL.to_vec(),
             bandwidth_bps: cloud.bandwidth_bps,

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tandem_common::codec::{Codec, KvShape, decode_layer};
+use tandem_common::codec::{Codec, KvShape, RopeParams, decode_layer};
 use tandem_common::kv::{KvState, LayerKv};
 use tandem_common::wire::{self, Frame, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite::Message;
@@ -22,8 +22,9 @@ pub struct FetchRequest {
     pub model: String,
     pub weights: String,
     pub context: String,
-    /// Layers of the edge's model (the cloud must send them all).
+    /// Layers of the edge's model (the cloud must send them all), and its rotary embedding (for the codecs).
     pub layers: u32,
+    pub rope: RopeParams,
     /// A codec to insist on; the cloud picks when `None`.
     pub codec: Option<Codec>,
     /// Codecs this edge accepts.
@@ -217,7 +218,7 @@ async fn converse(
         },
     )
     .await?;
-    let (shape, codec) = match next(&mut ws, req.timeout).await? {
+    let (shape, codec, positions) = match next(&mut ws, req.timeout).await? {
         Frame::Context {
             tokens,
             positions,
@@ -245,13 +246,13 @@ async fn converse(
                 kv_heads: shape.kv_heads,
                 head_dim: shape.head_dim,
                 tokens,
-                positions,
+                positions: positions.clone(),
                 layers: Vec::new(),
             };
             if let Some(h) = header_tx.take() {
                 let _ = h.send(Ok((header, codec)));
             }
-            (shape, codec)
+            (shape, codec, positions)
         }
         other => return Err(unexpected("Context", other)),
     };
@@ -275,7 +276,7 @@ async fn converse(
                         "layer {l}: payload checksum mismatch"
                     )));
                 }
-                let kv = decode_layer(codec, shape, &payload)
+                let kv = decode_layer(codec, shape, Some(req.rope.at(&positions)), &payload)
                     .map_err(|e| FetchError::Protocol(format!("layer {l}: {e}")))?;
                 let arrived = Arrived {
                     layer: l as usize,

@@ -263,6 +263,7 @@ fn fetch_request(
         weights: e.model.fingerprint().into(),
         context: id.into(),
         layers: e.model.config().n_layers as u32,
+        rope: tandem_common::codec::RopeParams::of(e.model.config()),
         codec,
         codecs,
         bandwidth_bps: None,

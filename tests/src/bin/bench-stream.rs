@@ -203,6 +203,7 @@ fn sequential_ttft(e: &Engine, c: &CloudContext, prompt: &[u32]) -> f64 {
             weights: e.model.fingerprint().into(),
             context: c.context.clone(),
             layers: e.model.config().n_layers as u32,
+            rope: tandem_common::codec::RopeParams::of(e.model.config()),
             codec: c.codec,
             codecs: Codec::ALL.to_vec(),
             bandwidth_bps: c.bandwidth_bps,
