@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -91,6 +92,8 @@ async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
     };
     let engine = served.engine.clone();
     let model_name = served.name.clone();
+    // Set when the client is gone (its receiver dropped): generation stops instead of running to max_tokens.
+    let cancel = Arc::new(AtomicBool::new(false));
     let opts = GenerateOptions {
         max_tokens,
         sampling: SamplingParams {
@@ -99,6 +102,7 @@ async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
             seed: req.seed.unwrap_or(0),
         },
         stop_at_eos: true,
+        cancel: Some(cancel.clone()),
     };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let messages = req.messages;
@@ -116,8 +120,9 @@ async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
                 .map_err(|e| e.to_string())?;
             let (ids, stats) = engine
                 .generate(&mut session, &prompt, &opts, |_, text| {
-                    if !text.is_empty() {
-                        let _ = tx.blocking_send(Event::Text(text.to_string()));
+                    if !text.is_empty() && tx.blocking_send(Event::Text(text.to_string())).is_err()
+                    {
+                        cancel.store(true, Relaxed);
                     }
                 })
                 .map_err(|e| e.to_string())?;

@@ -33,6 +33,8 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Stop at the model's end-of-turn tokens (off for raw continuations that must run to `max_tokens`).
     pub stop_at_eos: bool,
+    /// Set by another thread to stop after the current token (a client that went away).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for GenerateOptions {
@@ -41,6 +43,7 @@ impl Default for GenerateOptions {
             max_tokens: 128,
             sampling: SamplingParams::default(),
             stop_at_eos: true,
+            cancel: None,
         }
     }
 }
@@ -137,7 +140,12 @@ impl Engine {
                 break;
             }
             on_token(id, &stream.push(id)?);
-            if out.len() == opts.max_tokens
+            let cancelled = opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+            if cancelled
+                || out.len() == opts.max_tokens
                 || session.len() + 1 > self.model.config().context_length
             {
                 break;

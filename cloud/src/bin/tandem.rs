@@ -220,6 +220,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             seed: args.seed,
         },
         stop_at_eos: !args.raw,
+        ..Default::default()
     };
     let mut session = engine.session();
     let mut stdout = std::io::stdout().lock();
