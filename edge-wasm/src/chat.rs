@@ -25,6 +25,25 @@ pub struct CloudContext {
     pub timeout: Duration,
 }
 
+impl CloudContext {
+    /// The fetch of this context's KV for `engine` (all layers, any codec).
+    pub fn fetch_request(&self, engine: &Engine) -> FetchRequest {
+        FetchRequest {
+            cloud_url: self.cloud_url.clone(),
+            model: self.model.clone(),
+            weights: engine.model.fingerprint().to_string(),
+            context: self.context.clone(),
+            layers: engine.model.config().n_layers as u32,
+            rope: tandem_common::codec::RopeParams::of(engine.model.config()),
+            codec: self.codec,
+            codecs: Codec::ALL.to_vec(),
+            bandwidth_bps: self.bandwidth_bps,
+            auth: self.auth.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
 /// The context of a turn: from a cloud, with its text for a local fallback (optional when the cloud is trusted to
 /// answer), or local only.
 #[derive(Debug, Clone, Default)]
@@ -166,23 +185,8 @@ fn cloud_prefill(
     prompt: &[u32],
     t0: Instant,
 ) -> Result<(Vec<f32>, Codec, FetchStats), CloudFailure> {
-    let mut fetch = KvFetch::start(
-        FetchRequest {
-            cloud_url: cloud.cloud_url.clone(),
-            model: cloud.model.clone(),
-            weights: engine.model.fingerprint().to_string(),
-            context: cloud.context.clone(),
-            layers: engine.model.config().n_layers as u32,
-            rope: tandem_common::codec::RopeParams::of(engine.model.config()),
-            codec: cloud.codec,
-            codecs: Codec::ALL.to_vec(),
-            bandwidth_bps: cloud.bandwidth_bps,
-            auth: cloud.auth.clone(),
-            timeout: cloud.timeout,
-        },
-        t0,
-    )
-    .map_err(|e| (e.to_string(), None))?;
+    let mut fetch =
+        KvFetch::start(cloud.fetch_request(engine), t0).map_err(|e| (e.to_string(), None))?;
     let header = fetch.header.clone();
     let logits = session
         .prefill_streamed(&header, prompt, &mut |l| fetch.layer(l, t0))

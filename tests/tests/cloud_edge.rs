@@ -256,19 +256,9 @@ fn fetch_request(
     codec: Option<Codec>,
     codecs: Vec<Codec>,
 ) -> FetchRequest {
-    let e = engine("smollm2");
     FetchRequest {
-        cloud_url: cloud.url(),
-        model: "smollm2".into(),
-        weights: e.model.fingerprint().into(),
-        context: id.into(),
-        layers: e.model.config().n_layers as u32,
-        rope: tandem_common::codec::RopeParams::of(e.model.config()),
-        codec,
         codecs,
-        bandwidth_bps: None,
-        auth: None,
-        timeout: Duration::from_secs(30),
+        ..cloud_context(cloud, id, codec).fetch_request(engine("smollm2"))
     }
 }
 
