@@ -104,72 +104,59 @@ pub fn chat_turn(
         .chat_tokens(messages, has_context)
         .map_err(EngineError::from)?;
     let mut session = engine.session();
-    let mut stats = TurnStats {
-        generate: GenerateStats::default(),
-        source: KvSource::None,
-        context_tokens: 0,
-        kv_bytes: 0,
-        kv_done_after: Duration::ZERO,
-        ttft: Duration::ZERO,
-    };
-
-    let mut logits = None;
-    let mut local_tokens = None;
-    if let Some(cloud) = &context.cloud {
-        match cloud_prefill(engine, &mut session, cloud, &prompt, t0) {
-            Ok((l, codec, fetch)) => {
-                stats.source = KvSource::Cloud { codec };
-                stats.kv_bytes = fetch.kv_bytes;
-                stats.kv_done_after = fetch.done_after;
-                logits = Some(l);
-            }
-            Err((reason, header_tokens)) => {
-                stats.source = KvSource::Local { reason };
-                local_tokens = header_tokens;
-            }
-        }
-    }
-    let logits = match logits {
-        Some(l) => l,
-        None => {
-            let ctx_tokens = match (local_tokens, &context.text) {
+    let cloud = context
+        .cloud
+        .as_ref()
+        .map(|c| cloud_prefill(engine, &mut session, c, &prompt, t0));
+    let (logits, source, kv_bytes, kv_done_after) = match cloud {
+        Some(Ok((logits, codec, fetch))) => (
+            logits,
+            KvSource::Cloud { codec },
+            fetch.kv_bytes,
+            fetch.done_after,
+        ),
+        failed => {
+            let (reason, header_tokens) = match failed {
+                Some(Err(failure)) => failure,
+                _ => ("no cloud configured".to_string(), None),
+            };
+            let ctx_tokens = match (header_tokens, &context.text) {
                 (Some(t), _) => t,
                 (None, Some(text)) => engine
                     .tokenizer
                     .context_tokens(text)
                     .map_err(EngineError::from)?,
-                (None, None) if context.cloud.is_none() => Vec::new(),
-                (None, None) => {
-                    let KvSource::Local { reason } = &stats.source else {
-                        unreachable!()
-                    };
-                    return Err(ChatError::NoContext(reason.clone()));
+                (None, None) if context.cloud.is_some() => {
+                    return Err(ChatError::NoContext(reason));
                 }
+                (None, None) => Vec::new(),
             };
-            if context.cloud.is_none() && context.text.is_some() {
-                stats.source = KvSource::Local {
-                    reason: "no cloud configured".into(),
-                };
-            }
-            stats.context_tokens = ctx_tokens.len();
-            session = engine.session();
             // The context as its own KV segment, then the prompt: the very computation of the cloud path, so both
             // give the same tokens.
-            if !ctx_tokens.is_empty() {
+            session = engine.session();
+            let source = if ctx_tokens.is_empty() {
+                KvSource::None
+            } else {
                 session
                     .attach_context(&engine.prefill_kv(&ctx_tokens)?)
                     .map_err(EngineError::from)?;
-            }
-            session.prefill(&prompt).map_err(EngineError::from)?
+                KvSource::Local { reason }
+            };
+            let logits = session.prefill(&prompt).map_err(EngineError::from)?;
+            (logits, source, 0, Duration::ZERO)
         }
     };
-    if matches!(stats.source, KvSource::Cloud { .. }) {
-        stats.context_tokens = session.len() - prompt.len();
-    }
-    let (ids, g) =
+    let context_tokens = session.len() - prompt.len();
+    let (ids, generate) =
         engine.continue_generation(&mut session, logits, prompt.len(), t0, opts, on_token)?;
-    stats.ttft = g.ttft;
-    stats.generate = g;
+    let stats = TurnStats {
+        ttft: generate.ttft,
+        generate,
+        source,
+        context_tokens,
+        kv_bytes,
+        kv_done_after,
+    };
     Ok((ids, stats))
 }
 
