@@ -3,6 +3,7 @@
 //! A background thread speaks the protocol and decodes each layer as it arrives (checksum, then codec), so the
 //! compute thread only ever waits for a layer that has not arrived yet.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ pub struct FetchRequest {
     pub codec: Option<Codec>,
     /// Codecs this edge accepts.
     pub codecs: Vec<Codec>,
+    /// This edge's download bandwidth, bits per second; when `None`, the rate measured on this process's last stream.
     pub bandwidth_bps: Option<u64>,
     pub auth: Option<String>,
     /// Longest wait for the connection and the context header, and then between two layers.
@@ -143,6 +145,22 @@ impl KvFetch {
     }
 }
 
+/// The delivery rate of this process's last complete KV stream, bits per second (0: none yet). Reported in the next
+/// `Hello` when the caller gives no bandwidth, so the cloud's codec choice follows the link the edge really has.
+static LAST_BANDWIDTH_BPS: AtomicU64 = AtomicU64::new(0);
+
+fn measured_bandwidth() -> Option<u64> {
+    Some(LAST_BANDWIDTH_BPS.load(Ordering::Relaxed)).filter(|&b| b > 0)
+}
+
+fn record_bandwidth(bytes: usize, took: Duration) {
+    // Too short a stream says more about latency than bandwidth.
+    if bytes >= 256 << 10 && !took.is_zero() {
+        let bps = (bytes as f64 * 8.0 / took.as_secs_f64()) as u64;
+        LAST_BANDWIDTH_BPS.store(bps, Ordering::Relaxed);
+    }
+}
+
 type HeaderTx = mpsc::Sender<Result<(KvState, Codec), FetchError>>;
 type LayerTx = mpsc::Sender<Result<Arrived, String>>;
 
@@ -200,7 +218,7 @@ async fn converse(
             model: req.model.clone(),
             weights: req.weights.clone(),
             codecs: req.codecs.clone(),
-            bandwidth_bps: req.bandwidth_bps,
+            bandwidth_bps: req.bandwidth_bps.or_else(measured_bandwidth),
         },
     )
     .await?;
@@ -256,6 +274,7 @@ async fn converse(
         }
         other => return Err(unexpected("Context", other)),
     };
+    let (started, mut received) = (Instant::now(), 0usize);
     for l in 0..req.layers {
         match next(&mut ws, req.timeout).await? {
             Frame::LayerChunk {
@@ -278,6 +297,7 @@ async fn converse(
                 }
                 let kv = decode_layer(codec, shape, Some(req.rope.at(&positions)), &payload)
                     .map_err(|e| FetchError::Protocol(format!("layer {l}: {e}")))?;
+                received += payload.len();
                 let arrived = Arrived {
                     layer: l as usize,
                     kv,
@@ -292,6 +312,7 @@ async fn converse(
             other => return Err(unexpected("LayerChunk", other)),
         }
     }
+    record_bandwidth(received, started.elapsed());
     match next(&mut ws, req.timeout).await? {
         Frame::Done { .. } => {}
         other => return Err(unexpected("Done", other)),
@@ -330,4 +351,25 @@ async fn next(ws: &mut Ws, timeout: Duration) -> Result<Frame, FetchError> {
 
 fn unexpected(want: &str, got: Frame) -> FetchError {
     FetchError::Protocol(format!("expected {want}, got {}", got.kind()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_is_measured_from_long_enough_streams() {
+        assert_eq!(measured_bandwidth(), None);
+        record_bandwidth(1000, Duration::from_millis(1));
+        assert_eq!(measured_bandwidth(), None, "a 1 kB stream measures latency");
+        record_bandwidth(1 << 20, Duration::from_secs(1));
+        assert_eq!(measured_bandwidth(), Some(8 << 20));
+    }
+
+    #[test]
+    fn urls_become_websocket_urls() {
+        assert_eq!(kv_url("http://h:8080/"), "ws://h:8080/v1/kv");
+        assert_eq!(kv_url("https://h"), "wss://h/v1/kv");
+        assert_eq!(kv_url("ws://h"), "ws://h/v1/kv");
+    }
 }

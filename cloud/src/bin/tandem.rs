@@ -98,7 +98,8 @@ struct ChatArgs {
     /// Insist on a KV codec (lossless, f16, q8, q4, q2); by default the cloud picks.
     #[arg(long)]
     codec: Option<tandem_common::codec::Codec>,
-    /// This edge's download bandwidth in Mbit/s, reported to the cloud for its codec choice.
+    /// This edge's download bandwidth in Mbit/s, reported to the cloud for its codec choice (default: none, or in a
+    /// long-lived edge the rate its last stream was delivered at).
     #[arg(long)]
     bandwidth_mbps: Option<f64>,
     #[arg(long, env = "TANDEM_TOKEN")]
