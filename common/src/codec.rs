@@ -164,9 +164,9 @@ impl Rotary<'_> {
     fn apply(&self, k: &mut [f32], s: KvShape, inverse: bool) {
         let half = s.head_dim / 2;
         let sign = if inverse { -1.0 } else { 1.0 };
+        let freqs = crate::model::rope_frequencies(self.theta, s.head_dim);
         for (t, &p) in self.positions.iter().enumerate().take(s.tokens) {
-            for i in 0..half {
-                let freq = self.theta.powf(-2.0 * i as f64 / s.head_dim as f64);
+            for (i, &freq) in freqs.iter().enumerate() {
                 let (sin, cos) = (p as f64 * freq).sin_cos();
                 let (sin, cos) = ((sign * sin) as f32, cos as f32);
                 for h in 0..s.kv_heads {
@@ -198,25 +198,24 @@ pub fn encode_layer(
         layer.k.len() == n && layer.v.len() == n,
         "layer does not match {shape:?}"
     );
-    let mut raw = Vec::with_capacity(raw_len(codec, shape));
-    match codec.bits() {
-        None => {
-            let width = if codec == Codec::F16 { 2 } else { 4 };
+    let layout = Layout::new(codec, shape);
+    let mut raw = Vec::with_capacity(layout.raw_len(n));
+    match &layout {
+        Layout::Planes { width } => {
             for x in [&layer.k, &layer.v] {
-                put_planes(&mut raw, x, width);
+                put_planes(&mut raw, x, *width);
             }
         }
-        Some(bits) => {
-            let (kg, vg) = (key_groups(shape), value_groups(shape));
-            let mut keys = layer.k.clone();
+        Layout::Quantized { bits, keys, values } => {
+            let mut k = layer.k.clone();
             if let Some(r) = rotary {
-                r.apply(&mut keys, shape, true);
+                r.apply(&mut k, shape, true);
             }
-            quantize(&mut raw, bits, &gather(&keys, &kg));
-            quantize(&mut raw, bits, &gather(&layer.v, &vg));
+            quantize(&mut raw, *bits, &gather(&k, keys));
+            quantize(&mut raw, *bits, &gather(&layer.v, values));
         }
     }
-    debug_assert_eq!(raw.len(), raw_len(codec, shape));
+    debug_assert_eq!(raw.len(), layout.raw_len(n));
     let mut out = Vec::with_capacity(raw.len() / 2);
     {
         let mut w = brotli::CompressorWriter::new(&mut out, 1 << 16, BROTLI_QUALITY, BROTLI_WINDOW);
@@ -233,7 +232,8 @@ pub fn decode_layer(
     bytes: &[u8],
 ) -> Result<LayerKv, CodecError> {
     let n = shape.values().ok_or(CodecError::TooLarge(shape))?;
-    let expected = raw_len(codec, shape);
+    let layout = Layout::new(codec, shape);
+    let expected = layout.raw_len(n);
     let mut raw = Vec::with_capacity(expected);
     brotli::Decompressor::new(bytes, 1 << 16)
         .take(expected as u64 + 1)
@@ -247,17 +247,14 @@ pub fn decode_layer(
             found: raw.len(),
         });
     }
-    let (k, v) = match codec.bits() {
-        None => {
-            let width = if codec == Codec::F16 { 2 } else { 4 };
+    let (k, v) = match &layout {
+        Layout::Planes { width } => {
             let (a, b) = raw.split_at(n * width);
-            (get_planes(a, n, width), get_planes(b, n, width))
+            (get_planes(a, n, *width), get_planes(b, n, *width))
         }
-        Some(bits) => {
-            let half = quantized_len(bits, shape, &key_groups(shape));
-            let (a, b) = raw.split_at(half);
-            let (kg, vg) = (key_groups(shape), value_groups(shape));
-            let mut keys = scatter(&dequantize(a, bits, &kg), &kg, n);
+        Layout::Quantized { bits, keys, values } => {
+            let (a, b) = raw.split_at(quantized_len(*bits, keys));
+            let mut k = scatter(&dequantize(a, *bits, keys), keys, n);
             if let Some(r) = rotary {
                 if r.positions.len() != shape.tokens {
                     return Err(CodecError::Positions {
@@ -265,9 +262,9 @@ pub fn decode_layer(
                         tokens: shape.tokens,
                     });
                 }
-                r.apply(&mut keys, shape, false);
+                r.apply(&mut k, shape, false);
             }
-            (keys, scatter(&dequantize(b, bits, &vg), &vg, n))
+            (k, scatter(&dequantize(b, *bits, values), values, n))
         }
     };
     if k.iter().chain(&v).any(|x| !x.is_finite()) {
@@ -276,15 +273,39 @@ pub fn decode_layer(
     Ok(LayerKv { k, v })
 }
 
-/// Bytes before brotli.
-fn raw_len(codec: Codec, shape: KvShape) -> usize {
-    let n = shape.values().unwrap_or(0);
-    match codec.bits() {
-        None if codec == Codec::F16 => 4 * n,
-        None => 8 * n,
-        Some(bits) => {
-            quantized_len(bits, shape, &key_groups(shape))
-                + quantized_len(bits, shape, &value_groups(shape))
+/// How a codec lays a layer out before brotli: K and V as byte planes of `width`-byte floats, or quantized codes
+/// by groups.
+enum Layout {
+    Planes {
+        width: usize,
+    },
+    Quantized {
+        bits: u32,
+        keys: Groups,
+        values: Groups,
+    },
+}
+
+impl Layout {
+    fn new(codec: Codec, shape: KvShape) -> Self {
+        match codec.bits() {
+            Some(bits) => Layout::Quantized {
+                bits,
+                keys: key_groups(shape),
+                values: value_groups(shape),
+            },
+            None if codec == Codec::F16 => Layout::Planes { width: 2 },
+            None => Layout::Planes { width: 4 },
+        }
+    }
+
+    /// Bytes before brotli, for `n` values each of K and V.
+    fn raw_len(&self, n: usize) -> usize {
+        match self {
+            Layout::Planes { width } => 2 * width * n,
+            Layout::Quantized { bits, keys, values } => {
+                quantized_len(*bits, keys) + quantized_len(*bits, values)
+            }
         }
     }
 }
@@ -341,7 +362,7 @@ fn scatter(groups: &[Vec<f32>], g: &Groups, n: usize) -> Vec<f32> {
 }
 
 /// Per group: f16 minimum and f16 step, then the codes of all groups bit-packed.
-fn quantized_len(bits: u32, _shape: KvShape, g: &Groups) -> usize {
+fn quantized_len(bits: u32, g: &Groups) -> usize {
     let codes: usize = g.runs.iter().map(|r| r.2).sum();
     4 * g.runs.len() + (codes * bits as usize).div_ceil(8)
 }

@@ -177,6 +177,21 @@ impl DeviceKv {
         }
     }
 
+    /// Keeps the first `len` tokens (burn cannot narrow to nothing, so zero gives empty tensors).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len() {
+            return;
+        }
+        let keep = |t: &Tensor<3>| match len {
+            0 => {
+                let [h, _, d] = t.dims();
+                Tensor::zeros([h, 0, d], &t.device())
+            }
+            n => t.clone().narrow(1, 0, n),
+        };
+        (self.k, self.v) = (keep(&self.k), keep(&self.v));
+    }
+
     /// Appends new keys and values along the token axis.
     pub fn append(&mut self, k: Tensor<3>, v: Tensor<3>) {
         if self.is_empty() {

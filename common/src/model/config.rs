@@ -128,3 +128,10 @@ pub(crate) fn fingerprint(g: &Gguf, c: &ModelConfig) -> String {
         u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
     )
 }
+
+/// Rotary frequencies θ^(−2i/d) of the `head_dim / 2` channel pairs: the model and the KV codec rotate with these.
+pub fn rope_frequencies(theta: f64, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
+        .collect()
+}

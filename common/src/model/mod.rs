@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 
-pub use config::{Arch, ModelConfig, RopeStyle};
+pub use config::{Arch, ModelConfig, RopeStyle, rope_frequencies};
 pub use qmatrix::{QMatrix, QuantOps, q_linear};
 pub use session::{Session, SessionError};
 
@@ -229,11 +229,11 @@ impl Model {
     fn rope(&self, start: usize, n: usize) -> Rope {
         let c = self.config();
         let half = c.head_dim / 2;
+        let freqs = rope_frequencies(c.rope_theta, c.head_dim);
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in start..start + n {
-            for i in 0..half {
-                let freq = c.rope_theta.powf(-2.0 * i as f64 / c.head_dim as f64);
+            for &freq in &freqs {
                 let a = p as f64 * freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);

@@ -298,17 +298,7 @@ fn run(
             Err(e) => {
                 own_tokens.truncate(own_before);
                 for kv in own.iter_mut() {
-                    if kv.len() > own_before {
-                        let keep = |t: &Tensor<3>| match own_before {
-                            // burn cannot narrow to nothing.
-                            0 => {
-                                let [h, _, d] = t.dims();
-                                Tensor::zeros([h, 0, d], &t.device())
-                            }
-                            n => t.clone().narrow(1, 0, n),
-                        };
-                        (kv.k, kv.v) = (keep(&kv.k), keep(&kv.v));
-                    }
+                    kv.truncate(own_before);
                 }
                 return Err(e);
             }
