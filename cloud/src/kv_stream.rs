@@ -3,12 +3,13 @@
 //! Layer l+1 is encoded while layer l is on the wire. Anything malformed ends in an `Error` frame naming it; the
 //! session then closes (or, for a request it merely cannot serve, waits for the next request).
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tandem_common::codec::Codec;
+use tandem_common::codec::{Codec, KvShape, encode_layer};
 use tandem_common::wire::{self, ErrorCode, Frame, PROTOCOL_VERSION};
 use warp::ws::{Message, WebSocket};
 
@@ -144,27 +145,9 @@ impl Session {
                 ),
             ));
         }
-        let n_layers = ctx.record.kv.layers.len() as u32;
-        let n_tokens = ctx.record.kv.len() as u32;
-        if layers.0 >= layers.1 || layers.1 > n_layers {
-            return Err(Frame::error(
-                ErrorCode::BadRequest,
-                format!(
-                    "layers {}..{} outside the context's 0..{n_layers}",
-                    layers.0, layers.1
-                ),
-            ));
-        }
-        let tokens = tokens.unwrap_or((0, n_tokens));
-        if tokens.0 >= tokens.1 || tokens.1 > n_tokens {
-            return Err(Frame::error(
-                ErrorCode::BadRequest,
-                format!(
-                    "tokens {}..{} outside the context's 0..{n_tokens}",
-                    tokens.0, tokens.1
-                ),
-            ));
-        }
+        let kv = &ctx.record.kv;
+        let layers = within("layers", layers, kv.layers.len())?;
+        let tokens = within("tokens", tokens.unwrap_or((0, kv.len() as u32)), kv.len())?;
         let codec = match codec {
             Some(c) if edge.codecs.contains(&c) => c,
             Some(c) => {
@@ -181,39 +164,36 @@ impl Session {
             )
             .ok_or_else(|| Frame::error(ErrorCode::NoCodec, "no codec in common"))?,
         };
-        let (t0, t1) = (tokens.0 as usize, tokens.1 as usize);
-        let kv = &ctx.record.kv;
         self.send(&Frame::Context {
             context: id.to_string(),
-            tokens: kv.tokens[t0..t1].to_vec(),
-            positions: kv.positions[t0..t1].to_vec(),
-            layers,
+            tokens: kv.tokens[tokens.clone()].to_vec(),
+            positions: kv.positions[tokens.clone()].to_vec(),
+            layers: wire_range(&layers),
             kv_heads: kv.kv_heads as u32,
             head_dim: kv.head_dim as u32,
             codec,
         })
         .await?;
 
-        let whole = (t0, t1) == (0, n_tokens as usize);
         let encode = |l: usize| {
-            let ctx = ctx.clone();
-            tokio::task::spawn_blocking(move || encoded(&ctx, codec, l, whole, t0, t1))
+            let (ctx, tokens) = (ctx.clone(), tokens.clone());
+            tokio::task::spawn_blocking(move || encoded(&ctx, codec, l, tokens))
         };
         let mut sent = 0u64;
-        let mut next = Some(encode(layers.0 as usize));
-        for l in layers.0..layers.1 {
+        let mut next = Some(encode(layers.start));
+        for l in layers.clone() {
             let payload = next
                 .take()
                 .expect("one encoding in flight")
                 .await
                 .map_err(|e| Frame::error(ErrorCode::Internal, e.to_string()))?;
-            if l + 1 < layers.1 {
-                next = Some(encode(l as usize + 1));
+            if l + 1 < layers.end {
+                next = Some(encode(l + 1));
             }
             sent += payload.len() as u64;
             self.send(&Frame::LayerChunk {
-                layer: l,
-                tokens,
+                layer: l as u32,
+                tokens: wire_range(&tokens),
                 codec,
                 checksum: wire::checksum(&payload),
                 payload: payload.to_vec(),
@@ -234,32 +214,40 @@ impl Session {
 }
 
 /// One layer encoded: the cached whole-context encoding, or a token slice encoded on demand.
-fn encoded(
-    ctx: &StoredContext,
-    codec: Codec,
-    layer: usize,
-    whole: bool,
-    t0: usize,
-    t1: usize,
-) -> Arc<Vec<u8>> {
-    if whole {
+fn encoded(ctx: &StoredContext, codec: Codec, layer: usize, tokens: Range<usize>) -> Arc<Vec<u8>> {
+    let kv = &ctx.record.kv;
+    if tokens == (0..kv.len()) {
         return ctx.encoded_layer(codec, layer);
     }
-    let part = ctx
-        .record
-        .kv
-        .slice(layer..layer + 1, t0..t1)
+    let part = kv
+        .slice(layer..layer + 1, tokens.clone())
         .expect("ranges checked");
-    let shape = tandem_common::codec::KvShape {
-        tokens: t1 - t0,
+    let shape = KvShape {
+        tokens: tokens.len(),
         ..ctx.shape()
     };
-    Arc::new(tandem_common::codec::encode_layer(
+    Arc::new(encode_layer(
         codec,
         shape,
         Some(ctx.record.rope.at(&part.positions)),
         &part.layers[0],
     ))
+}
+
+/// A requested range checked against the context's `len` (non-empty, inside).
+fn within(what: &str, (start, end): (u32, u32), len: usize) -> Result<Range<usize>, Frame> {
+    let r = start as usize..end as usize;
+    if r.is_empty() || r.end > len {
+        return Err(Frame::error(
+            ErrorCode::BadRequest,
+            format!("{what} {start}..{end} outside the context's 0..{len}"),
+        ));
+    }
+    Ok(r)
+}
+
+fn wire_range(r: &Range<usize>) -> (u32, u32) {
+    (r.start as u32, r.end as u32)
 }
 
 fn hello_check(app: &App, hello: Frame) -> Result<Edge<'_>, Frame> {

@@ -10,39 +10,8 @@ use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats}
 use tandem_common::tokenizer::Message;
 use web_time::Instant;
 
-use crate::fetch::{FetchRequest, FetchStats, KvFetch};
-
-/// A shared context held by a cloud.
-#[derive(Debug, Clone)]
-pub struct CloudContext {
-    pub cloud_url: String,
-    /// The model's name on the cloud.
-    pub model: String,
-    pub context: String,
-    pub codec: Option<Codec>,
-    pub bandwidth_bps: Option<u64>,
-    pub auth: Option<String>,
-    pub timeout: Duration,
-}
-
-impl CloudContext {
-    /// The fetch of this context's KV for `engine` (all layers, any codec).
-    pub fn fetch_request(&self, engine: &Engine) -> FetchRequest {
-        FetchRequest {
-            cloud_url: self.cloud_url.clone(),
-            model: self.model.clone(),
-            weights: engine.model.fingerprint().to_string(),
-            context: self.context.clone(),
-            layers: engine.model.config().n_layers as u32,
-            rope: tandem_common::codec::RopeParams::of(engine.model.config()),
-            codec: self.codec,
-            codecs: Codec::ALL.to_vec(),
-            bandwidth_bps: self.bandwidth_bps,
-            auth: self.auth.clone(),
-            timeout: self.timeout,
-        }
-    }
-}
+pub use crate::fetch::CloudContext;
+use crate::fetch::{FetchStats, KvFetch};
 
 /// The context of a turn: from a cloud, with its text for a local fallback (optional when the cloud is trusted to
 /// answer), or local only.

@@ -9,32 +9,54 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tandem_common::codec::{Codec, KvShape, RopeParams, decode_layer};
+use tandem_common::engine::Engine;
 use tandem_common::kv::{KvState, LayerKv};
 use tandem_common::wire::{self, Frame, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite::Message;
 use web_time::Instant;
 
-/// Where and how to fetch a context.
+/// A shared context held by a cloud, and how to ask for it.
 #[derive(Debug, Clone)]
-pub struct FetchRequest {
+pub struct CloudContext {
     /// The cloud's base URL, `http://host:port` (or `ws://…`).
     pub cloud_url: String,
-    /// The served model's name on the cloud, and this edge's weights fingerprint.
+    /// The model's name on the cloud.
     pub model: String,
-    pub weights: String,
     pub context: String,
-    /// Layers of the edge's model (the cloud must send them all), and its rotary embedding (for the codecs).
-    pub layers: u32,
-    pub rope: RopeParams,
     /// A codec to insist on; the cloud picks when `None`.
     pub codec: Option<Codec>,
-    /// Codecs this edge accepts.
-    pub codecs: Vec<Codec>,
     /// This edge's download bandwidth, bits per second; when `None`, the rate measured on this process's last stream.
     pub bandwidth_bps: Option<u64>,
     pub auth: Option<String>,
     /// Longest wait for the connection and the context header, and then between two layers.
     pub timeout: Duration,
+}
+
+impl CloudContext {
+    /// The fetch of this context's KV for `engine`: all its layers, any codec.
+    pub fn fetch_request(&self, engine: &Engine) -> FetchRequest {
+        let c = engine.model.config();
+        FetchRequest {
+            cloud: self.clone(),
+            weights: engine.model.fingerprint().to_string(),
+            layers: c.n_layers as u32,
+            rope: RopeParams::of(c),
+            codecs: Codec::ALL.to_vec(),
+        }
+    }
+}
+
+/// A [`CloudContext`] and what the edge's model needs of it.
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    pub cloud: CloudContext,
+    /// This edge's weights fingerprint (the cloud refuses KV of other weights).
+    pub weights: String,
+    /// Layers of the edge's model (the cloud must send them all), and its rotary embedding (for the codecs).
+    pub layers: u32,
+    pub rope: RopeParams,
+    /// Codecs this edge accepts.
+    pub codecs: Vec<Codec>,
 }
 
 /// A fetch under way: the context's header, and its layers as they arrive.
@@ -87,7 +109,7 @@ impl KvFetch {
     pub fn start(req: FetchRequest, started: Instant) -> Result<KvFetch, FetchError> {
         let (header_tx, header_rx) = mpsc::channel();
         let (layer_tx, layer_rx) = mpsc::channel();
-        let timeout = req.timeout;
+        let timeout = req.cloud.timeout;
         std::thread::Builder::new()
             .name("tandem-kv-fetch".into())
             .spawn(move || {
@@ -196,15 +218,17 @@ async fn converse(
     header_tx: &mut Option<HeaderTx>,
     layer_tx: &LayerTx,
 ) -> Result<(), FetchError> {
-    let url = kv_url(&req.cloud_url);
-    let (mut ws, _) =
-        tokio::time::timeout(req.timeout, tokio_tungstenite::connect_async(url.as_str()))
-            .await
-            .map_err(|_| FetchError::Timeout(req.timeout))?
-            .map_err(|e| FetchError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+    let url = kv_url(&req.cloud.cloud_url);
+    let (mut ws, _) = tokio::time::timeout(
+        req.cloud.timeout,
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .map_err(|_| FetchError::Timeout(req.cloud.timeout))?
+    .map_err(|e| FetchError::Unreachable {
+        url: url.clone(),
+        reason: e.to_string(),
+    })?;
     let send = async |ws: &mut Ws, f: Frame| {
         ws.send(Message::binary(wire::encode(&f)))
             .await
@@ -214,29 +238,29 @@ async fn converse(
         &mut ws,
         Frame::Hello {
             version: PROTOCOL_VERSION,
-            auth: req.auth.clone(),
-            model: req.model.clone(),
+            auth: req.cloud.auth.clone(),
+            model: req.cloud.model.clone(),
             weights: req.weights.clone(),
             codecs: req.codecs.clone(),
-            bandwidth_bps: req.bandwidth_bps.or_else(measured_bandwidth),
+            bandwidth_bps: req.cloud.bandwidth_bps.or_else(measured_bandwidth),
         },
     )
     .await?;
-    match next(&mut ws, req.timeout).await? {
+    match next(&mut ws, req.cloud.timeout).await? {
         Frame::Welcome { .. } => {}
         other => return Err(unexpected("Welcome", other)),
     }
     send(
         &mut ws,
         Frame::Request {
-            context: req.context.clone(),
+            context: req.cloud.context.clone(),
             layers: (0, req.layers),
             tokens: None,
-            codec: req.codec,
+            codec: req.cloud.codec,
         },
     )
     .await?;
-    let (shape, codec, positions) = match next(&mut ws, req.timeout).await? {
+    let (shape, codec, positions) = match next(&mut ws, req.cloud.timeout).await? {
         Frame::Context {
             tokens,
             positions,
@@ -276,7 +300,7 @@ async fn converse(
     };
     let (started, mut received) = (Instant::now(), 0usize);
     for l in 0..req.layers {
-        match next(&mut ws, req.timeout).await? {
+        match next(&mut ws, req.cloud.timeout).await? {
             Frame::LayerChunk {
                 layer,
                 tokens,
@@ -313,7 +337,7 @@ async fn converse(
         }
     }
     record_bandwidth(received, started.elapsed());
-    match next(&mut ws, req.timeout).await? {
+    match next(&mut ws, req.cloud.timeout).await? {
         Frame::Done { .. } => {}
         other => return Err(unexpected("Done", other)),
     }
