@@ -39,8 +39,20 @@ cloud *args: (models "smollm2") build
 chat context prompt cloud="http://127.0.0.1:8080" *args: build
     {{tandem}} chat --cloud {{cloud}} --context {{context}} --prompt "{{prompt}}" {{args}}
 
-# All tests (fetches the two models the tests use first).
-test: (models "smollm2" "qwen-0.5b")
+# The edge runtime as a WebAssembly component (wasm32-wasip2) for wasmtime hosts: `wit/tandem.wit`'s `edge` world.
+component:
+    cargo rustc --release --target wasm32-wasip2 -p tandem-edge --crate-type cdylib
+
+# Chat through the edge component under wasmtime: `just gateway-chat ID "question"` (a cloud must be running).
+gateway-chat context prompt cloud="http://127.0.0.1:8080" *args: component build
+    {{CARGO_TARGET_DIR}}/release/tandem-gateway chat --cloud {{cloud}} --context {{context}} --prompt "{{prompt}}" {{args}}
+
+# A gateway: a KV cache for nearby edges in front of a cloud (`just gateway http://cloud:8080 0.0.0.0:8081`).
+gateway upstream addr="127.0.0.1:8081" *args: (models "smollm2") build
+    {{CARGO_TARGET_DIR}}/release/tandem-gateway serve --upstream {{upstream}} --addr {{addr}} {{args}}
+
+# All tests (fetches the two models the tests use first, builds the edge component).
+test: (models "smollm2" "qwen-0.5b") component
     cargo test --release --workspace
 
 llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")

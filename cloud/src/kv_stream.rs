@@ -130,12 +130,17 @@ impl Session {
         tokens: Option<(u32, u32)>,
         codec: Option<Codec>,
     ) -> Result<(), Frame> {
-        let ctx = self.app.context(id).ok_or_else(|| {
-            Frame::error(
-                ErrorCode::UnknownContext,
-                format!("no context {id:?} on this server"),
-            )
-        })?;
+        let ctx = self
+            .app
+            .context_or_pull(edge.served, id)
+            .await
+            .map_err(|e| Frame::error(ErrorCode::Internal, e))?
+            .ok_or_else(|| {
+                Frame::error(
+                    ErrorCode::UnknownContext,
+                    format!("no context {id:?} on this server"),
+                )
+            })?;
         if ctx.record.model != edge.served.name {
             return Err(Frame::error(
                 ErrorCode::WrongModel,

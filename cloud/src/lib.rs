@@ -13,8 +13,10 @@ pub mod codec_report;
 pub mod kv_stream;
 pub mod metrics;
 pub mod openai;
+pub mod serve_cli;
 pub mod server;
 pub mod store;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, default_device};
 use tandem_common::models;
 
+pub use serve_cli::{ServeArgs, run_server};
 pub use server::{App, Served, routes};
 
 /// How to run a server.
@@ -38,6 +41,8 @@ pub struct ServeOptions {
     pub spill_dir: Option<PathBuf>,
     pub static_dir: Option<PathBuf>,
     pub quality_floor: Codec,
+    /// Pull contexts this server does not hold from another cloud (and keep them): a gateway for nearby edges.
+    pub upstream: Option<upstream::Upstream>,
 }
 
 impl Default for ServeOptions {
@@ -49,6 +54,7 @@ impl Default for ServeOptions {
             spill_dir: None,
             static_dir: None,
             quality_floor: Codec::Q8,
+            upstream: None,
         }
     }
 }
@@ -76,6 +82,8 @@ pub fn load_app(o: &ServeOptions) -> anyhow::Result<Arc<App>> {
         auth_token: o.auth_token.clone(),
         quality_floor: o.quality_floor,
         static_dir: o.static_dir.clone(),
+        upstream: o.upstream.clone(),
+        upstream_lock: Default::default(),
     }))
 }
 

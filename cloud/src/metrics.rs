@@ -18,6 +18,7 @@ pub struct Metrics {
     pub prefill_ms: AtomicU64,
     pub completions: AtomicU64,
     pub completion_tokens: AtomicU64,
+    pub upstream_pulls: AtomicU64,
 }
 
 /// Counts an active KV session for as long as it lives.
@@ -39,7 +40,7 @@ impl Drop for ActiveSession<'_> {
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
             (
                 "tandem_http_requests_total",
                 "counter",
@@ -117,6 +118,12 @@ impl Metrics {
                 "counter",
                 "tokens generated for completions",
                 &self.completion_tokens,
+            ),
+            (
+                "tandem_upstream_pulls_total",
+                "counter",
+                "contexts pulled from the upstream cloud (a gateway's cache misses)",
+                &self.upstream_pulls,
             ),
         ];
         let mut out = String::new();

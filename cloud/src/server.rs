@@ -40,6 +40,10 @@ pub struct App {
     /// The lowest-quality codec the cloud picks on its own.
     pub quality_floor: Codec,
     pub static_dir: Option<PathBuf>,
+    /// The cloud this server pulls contexts it does not hold from (a gateway's), when any.
+    pub upstream: Option<crate::upstream::Upstream>,
+    /// Serialises pulls from upstream (see [`App::context_or_pull`]).
+    pub upstream_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {

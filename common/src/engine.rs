@@ -115,46 +115,119 @@ impl Engine {
     pub fn continue_generation(
         &self,
         session: &mut Session<'_>,
-        mut logits: Vec<f32>,
+        logits: Vec<f32>,
         prompt_tokens: usize,
         t0: web_time::Instant,
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32, &str),
     ) -> Result<(Vec<u32>, GenerateStats), EngineError> {
-        let mut sampler = Sampler::new(opts.sampling);
-        let mut stream = TextStream::new(&self.tokenizer);
-        let mut out = Vec::new();
-        let mut stats = GenerateStats {
-            prompt_tokens,
-            ..Default::default()
-        };
-        let mut t_first = None;
-        while out.len() < opts.max_tokens {
-            let id = sampler.sample(&logits);
-            if t_first.is_none() {
-                stats.ttft = t0.elapsed();
-                t_first = Some(web_time::Instant::now());
-            }
-            out.push(id);
-            if opts.stop_at_eos && self.tokenizer.is_stop(id) {
-                break;
-            }
-            on_token(id, &stream.push(id)?);
-            let cancelled = opts
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
-            if cancelled
-                || out.len() == opts.max_tokens
-                || session.len() + 1 > self.model.config().context_length
-            {
-                break;
-            }
-            logits = session.decode(id)?;
+        let mut g = Generation::new(self, session, logits, prompt_tokens, t0, opts.clone());
+        while let Some((id, text)) = g.next_token()? {
+            on_token(id, &text);
         }
-        stats.generated_tokens = out.len();
-        stats.decode_time = t_first.map(|t| t.elapsed()).unwrap_or_default();
-        Ok((out, stats))
+        Ok(g.finish())
+    }
+}
+
+/// A generation in progress, one token per [`next_token`](Generation::next_token) call: for front ends that pull
+/// tokens (an iterator in JavaScript, a WIT resource) rather than take callbacks.
+///
+/// `S` is the session, owned or borrowed.
+pub struct Generation<'e, S> {
+    engine: &'e Engine,
+    session: S,
+    /// Logits for the next token; `None` once the generation is over.
+    logits: Option<Vec<f32>>,
+    sampler: Sampler,
+    text: TextStream<'e>,
+    opts: GenerateOptions,
+    ids: Vec<u32>,
+    stats: GenerateStats,
+    t0: web_time::Instant,
+    first_token_at: Option<web_time::Instant>,
+}
+
+impl<'e, 's, S: std::borrow::BorrowMut<Session<'s>>> Generation<'e, S> {
+    /// Starts from `logits`, the output of a prefill of `prompt_tokens` tokens that started at `t0`.
+    pub fn new(
+        engine: &'e Engine,
+        session: S,
+        logits: Vec<f32>,
+        prompt_tokens: usize,
+        t0: web_time::Instant,
+        opts: GenerateOptions,
+    ) -> Self {
+        Generation {
+            engine,
+            session,
+            logits: Some(logits),
+            sampler: Sampler::new(opts.sampling),
+            text: TextStream::new(&engine.tokenizer),
+            opts,
+            ids: Vec::new(),
+            stats: GenerateStats {
+                prompt_tokens,
+                ..Default::default()
+            },
+            t0,
+            first_token_at: None,
+        }
+    }
+
+    /// The next token and the text it completes, or `None` when the generation is over (end of turn, `max_tokens`,
+    /// the context window full, or cancelled).
+    pub fn next_token(&mut self) -> Result<Option<(u32, String)>, EngineError> {
+        let Some(logits) = self.logits.take() else {
+            return Ok(None);
+        };
+        // Cancelled between two calls (by the consumer of the last token, or another thread).
+        if self.ids.len() >= self.opts.max_tokens || self.cancelled() {
+            return Ok(None);
+        }
+        let id = self.sampler.sample(&logits);
+        if self.first_token_at.is_none() {
+            self.stats.ttft = self.t0.elapsed();
+            self.first_token_at = Some(web_time::Instant::now());
+        }
+        self.ids.push(id);
+        if self.opts.stop_at_eos && self.engine.tokenizer.is_stop(id) {
+            self.update_stats();
+            return Ok(None);
+        }
+        let text = self.text.push(id)?;
+        let cancelled = self.cancelled();
+        let session = self.session.borrow_mut();
+        let full = session.len() + 1 > self.engine.model.config().context_length;
+        if !(cancelled || self.ids.len() == self.opts.max_tokens || full) {
+            self.logits = Some(session.decode(id)?);
+        }
+        self.update_stats();
+        Ok(Some((id, text)))
+    }
+
+    fn cancelled(&self) -> bool {
+        let flag = self.opts.cancel.as_ref();
+        flag.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn update_stats(&mut self) {
+        self.stats.generated_tokens = self.ids.len();
+        self.stats.decode_time = self.first_token_at.map(|t| t.elapsed()).unwrap_or_default();
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &GenerateStats {
+        &self.stats
+    }
+
+    /// The session, with every generated token but the last in it.
+    pub fn session(&self) -> &S {
+        &self.session
+    }
+
+    /// The generated ids and the statistics.
+    pub fn finish(self) -> (Vec<u32>, GenerateStats) {
+        (self.ids, self.stats)
     }
 }
 

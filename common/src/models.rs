@@ -43,6 +43,8 @@ pub enum ModelLookupError {
         found: String,
         expected: String,
     },
+    #[error("the weights received for {name}: {problem}")]
+    BadWeights { name: String, problem: String },
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
@@ -72,6 +74,18 @@ pub fn spec(name: &str) -> Option<ModelSpec> {
     registry().into_iter().find(|m| m.name == name)
 }
 
+/// The registry model `name`, or an error listing the known ones.
+fn lookup(name: &str) -> Result<ModelSpec, ModelLookupError> {
+    spec(name).ok_or_else(|| ModelLookupError::Unknown {
+        name: name.to_string(),
+        known: registry()
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 /// Resolves a model name (`smollm2`, `qwen-0.5b`, `qwen-1.5b`) or a path to a `.gguf` file.
 ///
 /// A registered model must be in the cache with the pinned size; its hash is checked by [`verify_sha256`]
@@ -81,17 +95,7 @@ pub fn resolve(name_or_path: &str) -> Result<PathBuf, ModelLookupError> {
     if name_or_path.ends_with(".gguf") || as_path.is_file() {
         return Ok(as_path.to_path_buf());
     }
-    let Some(m) = spec(name_or_path) else {
-        let known = registry()
-            .iter()
-            .map(|m| m.name.clone())
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(ModelLookupError::Unknown {
-            name: name_or_path.to_string(),
-            known,
-        });
-    };
+    let m = lookup(name_or_path)?;
     let path = cache_dir().join(&m.file);
     let meta = std::fs::metadata(&path).map_err(|_| ModelLookupError::NotFetched {
         name: m.name.clone(),
@@ -107,6 +111,32 @@ pub fn resolve(name_or_path: &str) -> Result<PathBuf, ModelLookupError> {
     }
     verify_sha256(&m, &path)?;
     Ok(path)
+}
+
+/// Checks weights received over a network (a browser's or a host's download) against the pinned size and sha256
+/// of the registry model `name`.
+pub fn check_weights(name: &str, bytes: &[u8]) -> Result<ModelSpec, ModelLookupError> {
+    let m = lookup(name)?;
+    let bad = |problem| ModelLookupError::BadWeights {
+        name: name.to_string(),
+        problem,
+    };
+    if bytes.len() as u64 != m.size {
+        return Err(bad(format!(
+            "{} bytes, expected {}: truncated or not the pinned file",
+            bytes.len(),
+            m.size
+        )));
+    }
+    use sha2::Digest;
+    let found = format!("{:x}", sha2::Sha256::digest(bytes));
+    if found != m.sha256 {
+        return Err(bad(format!(
+            "sha256 {found}, expected {}: not the pinned weights",
+            m.sha256
+        )));
+    }
+    Ok(m)
 }
 
 /// Checks a cached model's sha256, trusting the fetch script's stamp (`FILE.verified`: hash, size, mtime) when it

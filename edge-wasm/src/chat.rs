@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use tandem_common::codec::Codec;
-use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats};
+use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats, Generation};
+use tandem_common::model::Session;
 use tandem_common::tokenizer::Message;
 use web_time::Instant;
 
-pub use crate::fetch::CloudContext;
-use crate::fetch::{FetchStats, KvFetch};
+use crate::incoming::{Connect, FetchStats};
+pub use crate::protocol::CloudContext;
 
 /// The context of a turn: from a cloud, with its text for a local fallback (optional when the cloud is trusted to
 /// answer), or local only.
@@ -58,14 +59,67 @@ pub enum ChatError {
     NoContext(String),
 }
 
+/// A turn whose context and prompt are in, generating: pull its tokens with [`next_token`](Turn::next_token).
+pub struct Turn<'e> {
+    generation: Generation<'e, Session<'e>>,
+    source: KvSource,
+    context_tokens: usize,
+    kv_bytes: usize,
+    kv_done_after: Duration,
+}
+
+impl Turn<'_> {
+    /// The next token and the text it completes, or `None` when the answer is complete.
+    pub fn next_token(&mut self) -> Result<Option<(u32, String)>, ChatError> {
+        Ok(self.generation.next_token()?)
+    }
+
+    /// What the turn did so far.
+    pub fn stats(&self) -> TurnStats {
+        let generate = self.generation.stats().clone();
+        TurnStats {
+            ttft: generate.ttft,
+            generate,
+            source: self.source.clone(),
+            context_tokens: self.context_tokens,
+            kv_bytes: self.kv_bytes,
+            kv_done_after: self.kv_done_after,
+        }
+    }
+
+    /// Every generated id (a final stop token included) and the turn's statistics.
+    pub fn finish(self) -> (Vec<u32>, TurnStats) {
+        let stats = self.stats();
+        (self.generation.finish().0, stats)
+    }
+}
+
 /// Answers `messages` after `context`, calling `on_token` per generated token; returns the token ids and stats.
+/// The context's KV comes over a native WebSocket ([`crate::fetch`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn chat_turn(
     engine: &Engine,
     context: &ContextSource,
     messages: &[Message],
     opts: &GenerateOptions,
-    on_token: impl FnMut(u32, &str),
+    mut on_token: impl FnMut(u32, &str),
 ) -> Result<(Vec<u32>, TurnStats), ChatError> {
+    let mut turn = start_turn(engine, context, messages, opts, &crate::fetch::start)?;
+    while let Some((id, text)) = turn.next_token()? {
+        on_token(id, &text);
+    }
+    Ok(turn.finish())
+}
+
+/// Starts a turn: fetches the context's KV through `connect` while prefilling the prompt against it (or prefills
+/// the context here when the cloud fails), and returns the turn ready to generate.
+pub fn start_turn<'e>(
+    engine: &'e Engine,
+    context: &ContextSource,
+    messages: &[Message],
+    opts: &GenerateOptions,
+    connect: &Connect<'_>,
+) -> Result<Turn<'e>, ChatError> {
     let t0 = Instant::now();
     let has_context = context.cloud.is_some() || context.text.is_some();
     let prompt = engine
@@ -76,7 +130,7 @@ pub fn chat_turn(
     let cloud = context
         .cloud
         .as_ref()
-        .map(|c| cloud_prefill(engine, &mut session, c, &prompt, t0));
+        .map(|c| cloud_prefill(engine, &mut session, c, &prompt, connect, t0));
     let (logits, source, kv_bytes, kv_done_after) = match cloud {
         Some(Ok((logits, codec, fetch))) => (
             logits,
@@ -116,17 +170,13 @@ pub fn chat_turn(
         }
     };
     let context_tokens = session.len() - prompt.len();
-    let (ids, generate) =
-        engine.continue_generation(&mut session, logits, prompt.len(), t0, opts, on_token)?;
-    let stats = TurnStats {
-        ttft: generate.ttft,
-        generate,
+    Ok(Turn {
+        generation: Generation::new(engine, session, logits, prompt.len(), t0, opts.clone()),
         source,
         context_tokens,
         kv_bytes,
         kv_done_after,
-    };
-    Ok((ids, stats))
+    })
 }
 
 /// Why the cloud path failed, and the context's tokens if its header had arrived.
@@ -136,13 +186,13 @@ type CloudFailure = (String, Option<Vec<u32>>);
 /// tokens when the header had arrived (so the fallback needs no local text).
 fn cloud_prefill(
     engine: &Engine,
-    session: &mut tandem_common::model::Session<'_>,
+    session: &mut Session<'_>,
     cloud: &CloudContext,
     prompt: &[u32],
+    connect: &Connect<'_>,
     t0: Instant,
 ) -> Result<(Vec<f32>, Codec, FetchStats), CloudFailure> {
-    let mut fetch =
-        KvFetch::start(cloud.fetch_request(engine), t0).map_err(|e| (e.to_string(), None))?;
+    let mut fetch = connect(cloud.fetch_request(engine), t0).map_err(|e| (e.to_string(), None))?;
     let header = fetch.header.clone();
     let logits = session
         .prefill_streamed(&header, prompt, &mut |l| fetch.layer(l, t0))

@@ -1,11 +1,18 @@
 //! tandem's edge runtime: answers on this machine, with the shared context's KV streamed from the cloud.
 //!
-//! Native for now ([`chat::chat_turn`] over [`fetch::KvFetch`]); the WebAssembly builds reuse the same turn logic
-//! with a browser / host transport.
+//! - [`protocol`]: the edge's side of the KV protocol, without I/O ([`protocol::KvClient`]).
+//! - [`incoming`]: a context's KV as it arrives, over any transport ([`incoming::fetch_over`] a blocking link).
+//! - [`chat`]: one chat turn, the prompt prefilled while the context's layers arrive ([`chat::start_turn`]).
+//! - [`fetch`] (native): the transport over a background WebSocket thread.
+//! - `component` (`wasm32-wasip2`): the runtime as a component of `wit/tandem.wit`'s `edge` world, for wasmtime
+//!   hosts such as `tandem-gateway`; build it with `just component`.
 
 pub use tandem_common as common;
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod chat;
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod component;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fetch;
+pub mod incoming;
+pub mod protocol;

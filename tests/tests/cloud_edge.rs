@@ -9,7 +9,8 @@ use tandem_common::quant::Precision;
 use tandem_common::sample::argmax;
 use tandem_common::tokenizer::Message;
 use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
-use tandem_edge::fetch::{FetchRequest, KvFetch};
+use tandem_edge::fetch;
+use tandem_edge::protocol::FetchRequest;
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::{engine, http};
 
@@ -221,7 +222,7 @@ fn agreement(cloud: &TestCloud, id: &str, precision: Precision, codecs: &[Codec]
         let (mut agree, mut total, mut bytes) = (0, 0, 0);
         for (prompt, ids) in &references {
             let t0 = Instant::now();
-            let mut f = KvFetch::start(
+            let mut f = fetch::start(
                 fetch_request(cloud, id, Some(codec), Codec::ALL.to_vec()),
                 t0,
             )
@@ -431,7 +432,7 @@ fn bad_input_over_the_socket_is_refused_clearly() {
 
     // Another client is served normally meanwhile, and no session is left behind.
     let t0 = Instant::now();
-    let mut f = KvFetch::start(fetch_request(&cloud, &id, None, vec![Codec::Q4]), t0).unwrap();
+    let mut f = fetch::start(fetch_request(&cloud, &id, None, vec![Codec::Q4]), t0).unwrap();
     assert_eq!(f.codec, Codec::Q4, "the only codec the edge offers");
     for l in 0..e.model.config().n_layers {
         f.layer(l, t0).unwrap();

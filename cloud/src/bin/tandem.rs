@@ -31,7 +31,7 @@ enum Command {
     /// List the pinned models and whether they are in the cache.
     Models,
     /// Run the cloud server: shared-context KV over WebSocket, OpenAI-style chat, metrics.
-    Serve(ServeArgs),
+    Serve(tandem_cloud::ServeArgs),
     /// Chat on this machine with a shared context whose KV streams from a cloud server.
     Chat(ChatArgs),
     /// For a real context: wire bytes per token of each KV codec and its effect on the next tokens.
@@ -51,32 +51,6 @@ struct CodecReportArgs {
     /// Mat-mul precision of both runs: f32 isolates the codec; q8 (the fast path) adds activation-rounding flips.
     #[arg(long, default_value = "f32")]
     precision: String,
-}
-
-#[derive(Parser)]
-struct ServeArgs {
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: std::net::SocketAddr,
-    /// A model to serve (repeatable; the first is the default): a registry name or a .gguf path.
-    #[arg(long = "model", default_values_t = ["smollm2".to_string()])]
-    models: Vec<String>,
-    /// Register this file as a shared context of the default model at start (repeatable); its id is printed.
-    #[arg(long = "context-file")]
-    context_files: Vec<PathBuf>,
-    /// Require this bearer token from edges.
-    #[arg(long, env = "TANDEM_TOKEN")]
-    token: Option<String>,
-    /// Context KV kept in memory, MiB; the least recently used beyond it is spilled to --spill-dir.
-    #[arg(long, default_value_t = 2048)]
-    store_mib: usize,
-    #[arg(long)]
-    spill_dir: Option<PathBuf>,
-    /// Serve these static files (the chat page) at /.
-    #[arg(long)]
-    static_dir: Option<PathBuf>,
-    /// The least faithful KV codec the server picks by itself (lossless, f16, q8, q4, q2).
-    #[arg(long, default_value = "q8")]
-    quality_floor: tandem_common::codec::Codec,
 }
 
 #[derive(Parser)]
@@ -139,7 +113,7 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => tandem_cloud::run_server(args, "tandem cloud"),
         Command::Chat(args) => chat(args),
         Command::CodecReport(args) => codec_report(args),
         Command::Models => {
@@ -239,49 +213,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
         stats.decode_tokens_per_s()
     );
     Ok(())
-}
-
-fn serve(args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let app = tandem_cloud::load_app(&tandem_cloud::ServeOptions {
-        models: args.models,
-        auth_token: args.token,
-        store_bytes: args.store_mib << 20,
-        spill_dir: args.spill_dir,
-        static_dir: args.static_dir,
-        quality_floor: args.quality_floor,
-    })?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        for f in &args.context_files {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            let (ctx, _) = tandem_cloud::server::register_context(&app, None, &text).await?;
-            println!(
-                "context {} ({} tokens) from {}",
-                ctx.record.id,
-                ctx.record.kv.len(),
-                f.display()
-            );
-        }
-        let listener = tokio::net::TcpListener::bind(args.addr)
-            .await
-            .with_context(|| format!("binding {}", args.addr))?;
-        println!(
-            "tandem cloud listening on http://{}",
-            listener.local_addr()?
-        );
-        tandem_cloud::serve(app, listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
-        Ok(())
-    })
 }
 
 fn chat(args: ChatArgs) -> Result<()> {

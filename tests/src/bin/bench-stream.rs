@@ -13,7 +13,7 @@ use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, GenerateOptions};
 use tandem_common::tokenizer::Message;
 use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
-use tandem_edge::fetch::KvFetch;
+use tandem_edge::fetch;
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::shaper::{Link, shaped_relay};
 use tandem_tests::{engine, http};
@@ -196,7 +196,7 @@ fn main() {
 /// TTFT without pipelining: every layer received first, then the prompt prefilled.
 fn sequential_ttft(e: &Engine, c: &CloudContext, prompt: &[u32]) -> f64 {
     let t0 = Instant::now();
-    let mut f = KvFetch::start(c.fetch_request(e), t0).expect("fetch");
+    let mut f = fetch::start(c.fetch_request(e), t0).expect("fetch");
     let mut kv = f.header.clone();
     for l in 0..e.model.config().n_layers {
         kv.layers.push(f.layer(l, t0).expect("layer"));

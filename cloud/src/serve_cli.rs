@@ -1,0 +1,86 @@
+//! The `serve` command line, shared by `tandem serve` and `tandem-gateway serve`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::{ServeOptions, load_app, serve, server, upstream};
+
+#[derive(Parser)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// A model to serve (repeatable; the first is the default): a registry name or a .gguf path.
+    #[arg(long = "model", default_values_t = ["smollm2".to_string()])]
+    pub models: Vec<String>,
+    /// Register this file as a shared context of the default model at start (repeatable); its id is printed.
+    #[arg(long = "context-file")]
+    pub context_files: Vec<PathBuf>,
+    /// Require this bearer token from edges.
+    #[arg(long, env = "TANDEM_TOKEN")]
+    pub token: Option<String>,
+    /// Context KV kept in memory, MiB; the least recently used beyond it is spilled to --spill-dir.
+    #[arg(long, default_value_t = 2048)]
+    pub store_mib: usize,
+    #[arg(long)]
+    pub spill_dir: Option<PathBuf>,
+    /// Serve these static files (the chat page) at /.
+    #[arg(long)]
+    pub static_dir: Option<PathBuf>,
+    /// The least faithful KV codec the server picks by itself (lossless, f16, q8, q4, q2).
+    #[arg(long, default_value = "q8")]
+    pub quality_floor: tandem_common::codec::Codec,
+    /// Pull contexts this server does not hold from this cloud and keep them: a KV cache for nearby edges.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Bearer token of the upstream cloud.
+    #[arg(long, env = "TANDEM_UPSTREAM_TOKEN")]
+    pub upstream_token: Option<String>,
+}
+
+/// Runs a server until Ctrl-C: `tandem serve`, and `tandem-gateway serve` (named `what` in its messages).
+pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let app = load_app(&ServeOptions {
+        models: args.models,
+        auth_token: args.token,
+        store_bytes: args.store_mib << 20,
+        spill_dir: args.spill_dir,
+        static_dir: args.static_dir,
+        quality_floor: args.quality_floor,
+        upstream: args.upstream.map(|url| upstream::Upstream {
+            url,
+            auth: args.upstream_token,
+            timeout: std::time::Duration::from_secs(30),
+        }),
+    })?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        for f in &args.context_files {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let (ctx, _) = server::register_context(&app, None, &text).await?;
+            println!(
+                "context {} ({} tokens) from {}",
+                ctx.record.id,
+                ctx.record.kv.len(),
+                f.display()
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("binding {}", args.addr))?;
+        println!("{what} listening on http://{}", listener.local_addr()?);
+        serve(app, listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        Ok(())
+    })
+}

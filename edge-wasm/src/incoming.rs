@@ -1,0 +1,124 @@
+//! A context's KV as it arrives, whatever carries it: the header first, then the layers in order.
+
+use std::time::Duration;
+
+use tandem_common::codec::Codec;
+use tandem_common::kv::{KvState, LayerKv};
+use web_time::Instant;
+
+use crate::protocol::{FetchError, FetchRequest, KvClient, KvEvent};
+
+/// A layer as it arrived.
+pub struct ArrivedLayer {
+    pub layer: usize,
+    pub kv: LayerKv,
+    /// Its payload's size on the wire.
+    pub wire_bytes: usize,
+}
+
+/// Waits for the next layer to arrive (the transport's own timeout applies).
+pub type NextLayer = Box<dyn FnMut() -> Result<ArrivedLayer, String> + Send>;
+
+/// A fetch under way: the context's header, and its layers as they arrive.
+pub struct IncomingKv {
+    /// The context's tokens, positions and shape (no layers).
+    pub header: KvState,
+    pub codec: Codec,
+    pub stats: FetchStats,
+    next: NextLayer,
+}
+
+/// What a fetch cost.
+#[derive(Debug, Clone, Default)]
+pub struct FetchStats {
+    /// From the start of the fetch to the context header.
+    pub header_after: Duration,
+    /// From the start to the last layer.
+    pub done_after: Duration,
+    /// KV payload bytes received.
+    pub kv_bytes: usize,
+    /// Layers received.
+    pub layers: usize,
+}
+
+/// How an edge opens a fetch: a transport (a background WebSocket natively, a host's link in a component).
+pub type Connect<'c> = dyn Fn(FetchRequest, Instant) -> Result<IncomingKv, FetchError> + 'c;
+
+impl IncomingKv {
+    /// A fetch whose header arrived `header_after` the start, with `next` yielding its layers.
+    pub fn new(header: KvState, codec: Codec, header_after: Duration, next: NextLayer) -> Self {
+        IncomingKv {
+            header,
+            codec,
+            stats: FetchStats {
+                header_after,
+                ..Default::default()
+            },
+            next,
+        }
+    }
+
+    /// Waits for layer `l` (layers arrive in order); `started` is when the fetch began.
+    pub fn layer(&mut self, l: usize, started: Instant) -> Result<LayerKv, String> {
+        let got = (self.next)()?;
+        if got.layer != l {
+            return Err(format!(
+                "expected layer {l}, the cloud sent layer {}",
+                got.layer
+            ));
+        }
+        self.stats.kv_bytes += got.wire_bytes;
+        self.stats.layers += 1;
+        self.stats.done_after = started.elapsed();
+        Ok(got.kv)
+    }
+}
+
+/// A blocking, message-oriented connection to a KV source (one message = one wire frame).
+pub trait MessageLink: Send {
+    fn send(&mut self, message: Vec<u8>) -> Result<(), String>;
+    /// The next message, waiting at most `timeout`.
+    fn receive(&mut self, timeout: Duration) -> Result<Vec<u8>, String>;
+}
+
+/// Fetches `req` over `link`, decoding each layer on the thread that asks for it (for runtimes without threads:
+/// the link's host keeps receiving while this thread computes).
+pub fn fetch_over(
+    mut link: impl MessageLink + 'static,
+    req: FetchRequest,
+    started: Instant,
+) -> Result<IncomingKv, FetchError> {
+    let timeout = req.cloud.timeout;
+    let (mut client, hello) = KvClient::new(req);
+    link.send(hello).map_err(FetchError::Protocol)?;
+    loop {
+        let message = link.receive(timeout).map_err(FetchError::Protocol)?;
+        match client.receive(&message)? {
+            KvEvent::Reply(m) => link.send(m).map_err(FetchError::Protocol)?,
+            KvEvent::Header { header, codec } => {
+                let next = Box::new(move || -> Result<ArrivedLayer, String> {
+                    let message = link.receive(timeout)?;
+                    match client.receive(&message).map_err(|e| e.to_string())? {
+                        KvEvent::Layer {
+                            layer,
+                            kv,
+                            wire_bytes,
+                        } => Ok(ArrivedLayer {
+                            layer,
+                            kv,
+                            wire_bytes,
+                        }),
+                        other => Err(format!("expected a layer, got {}", other.kind())),
+                    }
+                });
+                return Ok(IncomingKv::new(header, codec, started.elapsed(), next));
+            }
+            other => {
+                return Err(FetchError::Protocol(format!(
+                    "expected the context header, got {}",
+                    other.kind()
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The edge runtime as a WebAssembly component under wasmtime (`tandem-gateway`), and the gateway as a KV cache for
+//! nearby edges: real component, real cloud, real WebSockets on loopback.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tandem_cloud::ServeOptions;
+use tandem_cloud::upstream::Upstream;
+use tandem_common::engine::GenerateOptions;
+use tandem_common::tokenizer::Message;
+use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+use tandem_gateway::host::{self, Runtime, Weights};
+use tandem_tests::cloud::TestCloud;
+use tandem_tests::engine;
+
+const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a small ARM box called Gull. It caches \
+the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
+const QUESTION: &str = "What does Gull cache?";
+const TOKENS: u32 = 16;
+/// The component and native compute the same model but not in the same float order (wasm has no FMA, burn's CPU
+/// matmul picks other SIMD kernels, another libm): logits differ by ~0.01, so where native's two best tokens are
+/// closer than this the component may pick the other. Up to the first such near-tie, tokens must be identical.
+const NEAR_TIE: f32 = 0.1;
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| PathBuf::from("../target"), PathBuf::from);
+        let path = tandem_gateway::default_component(&target);
+        assert!(
+            path.exists(),
+            "{} is missing: build the component first (`just component`)",
+            path.display()
+        );
+        Runtime::load(&path).unwrap_or_else(|e| panic!("component loads: {e:#}"))
+    })
+}
+
+fn greedy() -> host::GenerateOptions {
+    host::GenerateOptions {
+        max_tokens: TOKENS,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    }
+}
+
+fn wit_cloud(url: &str, id: &str) -> host::CloudContext {
+    host::CloudContext {
+        url: url.into(),
+        model: "smollm2".into(),
+        context: id.into(),
+        codec: Some("lossless".into()),
+        bandwidth_bps: None,
+        auth: None,
+        timeout_ms: 30_000,
+    }
+}
+
+/// Native greedy pieces of the answer (context prefilled here, which is exactly the lossless cloud path) and, per
+/// step, the gap between the best and second-best logits.
+fn native_steps() -> Vec<(String, f32)> {
+    let e = engine("smollm2");
+    let mut s = e.session();
+    let ctx = e.tokenizer.context_tokens(CONTEXT).unwrap();
+    s.attach_context(&e.prefill_kv(&ctx).unwrap()).unwrap();
+    let prompt = e
+        .tokenizer
+        .chat_tokens(&[Message::new("user", QUESTION)], true)
+        .unwrap();
+    let mut logits = s.prefill(&prompt).unwrap();
+    let mut text = tandem_common::tokenizer::TextStream::new(&e.tokenizer);
+    let mut steps = Vec::new();
+    for _ in 0..TOKENS {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let (best, gap) = (order[0] as u32, logits[order[0]] - logits[order[1]]);
+        if e.tokenizer.is_stop(best) {
+            break;
+        }
+        steps.push((text.push(best).unwrap(), gap));
+        logits = s.decode(best).unwrap();
+    }
+    steps
+}
+
+/// Asserts `got` is native's answer up to its first near-tie, which must not come too early to mean anything.
+fn assert_same_answer(got: &[String], native: &[(String, f32)]) {
+    let sure = native
+        .iter()
+        .position(|(_, gap)| *gap < NEAR_TIE)
+        .unwrap_or(native.len());
+    assert!(
+        sure >= 6,
+        "native's answer has a near-tie at token {sure}: pick another question"
+    );
+    let want: Vec<&str> = native[..sure].iter().map(|(t, _)| t.as_str()).collect();
+    let got: Vec<&str> = got.iter().take(sure).map(String::as_str).collect();
+    assert_eq!(got, want, "component vs native, first {sure} tokens");
+}
+
+/// The component's answer, piece by piece, and its stats.
+fn component_answer(context: host::ContextSource) -> (Vec<String>, host::TurnStats) {
+    let mut edge = runtime()
+        .instance("smollm2", Weights::Cache)
+        .unwrap_or_else(|e| panic!("instance: {e:#}"));
+    let mut pieces = Vec::new();
+    let question = [host::Message {
+        role: "user".into(),
+        content: QUESTION.into(),
+    }];
+    let stats = edge
+        .chat(&question, &context, greedy(), |t| {
+            pieces.push(t.to_string())
+        })
+        .unwrap_or_else(|e| panic!("chat: {e:#}"));
+    (pieces, stats)
+}
+
+/// The native edge's answer through `cloud_url`, piece by piece, and where its KV came from.
+fn native_answer(cloud_url: &str, id: &str) -> (Vec<String>, KvSource) {
+    let context = ContextSource {
+        cloud: Some(CloudContext {
+            cloud_url: cloud_url.into(),
+            model: "smollm2".into(),
+            context: id.into(),
+            codec: Some(tandem_common::codec::Codec::Lossless),
+            bandwidth_bps: None,
+            auth: None,
+            timeout: Duration::from_secs(30),
+        }),
+        text: None,
+    };
+    let opts = GenerateOptions {
+        max_tokens: TOKENS as usize,
+        ..Default::default()
+    };
+    let mut pieces = Vec::new();
+    let (_, st) = chat_turn(
+        engine("smollm2"),
+        &context,
+        &[Message::new("user", QUESTION)],
+        &opts,
+        |_, t| pieces.push(t.to_string()),
+    )
+    .expect("native turn");
+    (pieces, st.source)
+}
+
+/// The component streams the context's KV through its host's link and answers as the native edge does; a second
+/// edge asking the gateway for the same context causes no second transfer from the cloud.
+#[test]
+fn component_answers_like_native_and_the_gateway_caches_context_kv() {
+    let cloud = TestCloud::start(ServeOptions::default());
+    let id = cloud.register(CONTEXT);
+    let native = native_steps();
+    let (want, source) = native_answer(&cloud.url(), &id);
+    assert!(matches!(source, KvSource::Cloud { .. }), "{source:?}");
+    let pieces: Vec<&String> = native.iter().map(|(t, _)| t).collect();
+    assert_eq!(
+        want.iter().collect::<Vec<_>>(),
+        pieces,
+        "lossless cloud KV is local"
+    );
+
+    let (got, st) = component_answer(host::ContextSource {
+        cloud: Some(wit_cloud(&cloud.url(), &id)),
+        text: None,
+    });
+    assert_eq!(st.kv_source, "cloud", "{:?}", st.fallback_reason);
+    assert_eq!(st.codec.as_deref(), Some("lossless"));
+    assert!(st.kv_bytes > 0 && st.context_tokens > 40, "{st:?}");
+    assert_same_answer(&got, &native);
+    assert_eq!(cloud.metric("tandem_kv_sessions_total"), 2);
+
+    // A gateway in front of the cloud: the first edge's request pulls the context once, the second is served from
+    // the gateway's store.
+    let gateway = TestCloud::start(ServeOptions {
+        upstream: Some(Upstream {
+            url: cloud.url(),
+            auth: None,
+            timeout: Duration::from_secs(30),
+        }),
+        ..Default::default()
+    });
+    let (first, _) = native_answer(&gateway.url(), &id);
+    let (second, st) = component_answer(host::ContextSource {
+        cloud: Some(wit_cloud(&gateway.url(), &id)),
+        text: None,
+    });
+    assert_eq!(st.kv_source, "cloud", "{:?}", st.fallback_reason);
+    assert_eq!(first, want, "native through the gateway");
+    assert_same_answer(&second, &native);
+    assert_eq!(gateway.metric("tandem_kv_sessions_total"), 2);
+    assert_eq!(gateway.metric("tandem_upstream_pulls_total"), 1);
+    assert_eq!(
+        cloud.metric("tandem_kv_sessions_total"),
+        3,
+        "one transfer to the gateway for both edges"
+    );
+
+    // A context neither holds is refused, not invented.
+    let (_, st) = component_answer(host::ContextSource {
+        cloud: Some(wit_cloud(
+            &gateway.url(),
+            "00000000000000000000000000000000",
+        )),
+        text: Some(CONTEXT.into()),
+    });
+    assert_eq!(st.kv_source, "local");
+    assert!(
+        st.fallback_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no context"),
+        "{st:?}"
+    );
+}
+
+/// With the cloud unreachable, the component prefills the context itself and gives the same answer.
+#[test]
+fn component_falls_back_to_local_prefill_when_the_cloud_is_unreachable() {
+    let cloud = TestCloud::start(ServeOptions::default());
+    let id = cloud.register(CONTEXT);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (got, st) = component_answer(host::ContextSource {
+        cloud: Some(wit_cloud(&format!("http://{dead}"), &id)),
+        text: Some(CONTEXT.into()),
+    });
+    assert_eq!(st.kv_source, "local");
+    let reason = st.fallback_reason.unwrap_or_default();
+    assert!(reason.contains("cannot reach"), "{reason}");
+    assert_same_answer(&got, &native_steps());
+}
+
+/// Weights that are not the pinned file are refused by the component with a message naming the model and hash.
+#[test]
+fn component_refuses_weights_with_the_wrong_hash() {
+    let mut bytes = std::fs::read(tandem_common::models::resolve("smollm2").unwrap()).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    let dir = std::env::temp_dir().join(format!("tandem-wrong-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("smollm2.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = runtime()
+        .instance("smollm2", Weights::File(path))
+        .err()
+        .expect("corrupt weights must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("smollm2") && msg.contains("sha256"), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
