@@ -51,8 +51,13 @@ gateway-chat context prompt cloud="http://127.0.0.1:8080" *args: component build
 gateway upstream addr="127.0.0.1:8081" *args: (models "smollm2") build
     {{CARGO_TARGET_DIR}}/release/tandem-gateway serve --upstream {{upstream}} --addr {{addr}} {{args}}
 
+# The shared core's unit tests compiled to WebAssembly (wasm32-wasip2, simd128 kernels), run under wasmtime.
+test-wasm:
+    cargo build --release -p tandem-gateway
+    CARGO_TARGET_WASM32_WASIP2_RUNNER="{{CARGO_TARGET_DIR}}/release/tandem-gateway run" cargo test --release --target wasm32-wasip2 -p tandem-common --lib
+
 # All tests (fetches the two models the tests use first, builds the edge component).
-test: (models "smollm2" "qwen-0.5b") component
+test: (models "smollm2" "qwen-0.5b") component test-wasm
     cargo test --release --workspace
 
 llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")

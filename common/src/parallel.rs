@@ -234,7 +234,8 @@ mod team {
     }
 }
 
-#[cfg(test)]
+// Threads and unwinding panics: neither exists in wasm, where everything runs on the calling thread.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
 

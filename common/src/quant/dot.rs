@@ -190,6 +190,10 @@ fn pick_kernel(ty: GgmlType) -> DotFn {
     if let Some(k) = super::x86::kernel(ty) {
         return k;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if let Some(k) = super::wasm::kernel(ty) {
+        return k;
+    }
     match ty {
         GgmlType::Q4_0 => |w, a| dot_scalar(GgmlType::Q4_0, w, a),
         GgmlType::Q4_1 => |w, a| dot_scalar(GgmlType::Q4_1, w, a),

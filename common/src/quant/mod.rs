@@ -7,6 +7,8 @@
 mod batched;
 mod dequant;
 mod dot;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

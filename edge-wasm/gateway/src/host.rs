@@ -96,6 +96,27 @@ impl Runtime {
     }
 }
 
+/// Runs a WASI command component (`wasi:cli/run`, e.g. a `cargo test` binary built for `wasm32-wasip2`) with
+/// `args` and this process's stdio, environment and current directory; returns whether it succeeded.
+pub fn run_command(path: &Path, args: &[String]) -> anyhow::Result<bool> {
+    let engine = Engine::new(&Config::new())?;
+    let component = compile_cached(&engine, path)?;
+    let mut linker = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    let mut wasi = WasiCtx::builder();
+    wasi.inherit_stdio().inherit_env().args(args);
+    wasi.preopened_dir(".", ".", wasmtime_wasi::FsPerms::ReadWrite)?;
+    let state = HostState {
+        wasi: wasi.build(),
+        table: ResourceTable::new(),
+        weights: Weights::Cache,
+    };
+    let mut store = Store::new(&engine, state);
+    let command =
+        wasmtime_wasi::p2::bindings::sync::Command::instantiate(&mut store, &component, &linker)?;
+    Ok(command.wasi_cli_run().call_run(&mut store)?.is_ok())
+}
+
 /// A running component with a model loaded.
 pub struct EdgeInstance {
     store: Store<HostState>,

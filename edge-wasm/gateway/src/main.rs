@@ -26,6 +26,14 @@ enum Command {
     Chat(ChatArgs),
     /// Serve nearby edges the cloud's KV protocol, pulling each context from `--upstream` once and keeping it.
     Serve(tandem_cloud::ServeArgs),
+    /// Run a WASI command component (`wasi:cli/run`), e.g. a test binary built for wasm32-wasip2: this is the
+    /// cargo runner of `just test-wasm`.
+    Run {
+        component: PathBuf,
+        /// Arguments passed to it.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Parser)]
@@ -64,6 +72,14 @@ fn main() -> Result<()> {
                 bail!("a gateway needs --upstream: the cloud it caches contexts from");
             }
             tandem_cloud::run_server(args, "tandem gateway")
+        }
+        Command::Run { component, args } => {
+            let name = component.display().to_string();
+            let argv: Vec<String> = std::iter::once(name).chain(args).collect();
+            if !tandem_gateway::host::run_command(&component, &argv)? {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }

@@ -1,0 +1,158 @@
+//! WebAssembly SIMD (simd128) dot-product kernels, for the browser and wasmtime builds (compiled with
+//! `+simd128`, which every current browser and wasmtime run).
+//!
+//! Each kernel computes what `dot::dot_scalar` computes for its type: weights are unpacked 16 at a time to bytes,
+//! widened with the int8 activations to i16 and multiplied-and-added in pairs (`i32x4.dot_i16x8_s`) to i32, then
+//! scaled in f32. Offsets and minimums are folded in through the activation block sums, as on x86.
+
+use std::arch::wasm32::*;
+
+use super::dot::ActRow;
+use super::{GgmlType, f16_at};
+
+type DotFn = fn(&[u8], ActRow<'_>) -> f32;
+
+/// The simd128 kernel for `ty`.
+pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
+    Some(match ty {
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4K => q4k,
+        GgmlType::Q6K => q6k,
+        _ => return None,
+    })
+}
+
+/// 16 bytes at `b[at..]` (bounds-checked).
+#[inline(always)]
+fn load16(b: &[u8], at: usize) -> v128 {
+    let s = &b[at..at + 16];
+    // SAFETY: `s` is 16 readable bytes; wasm loads need no alignment.
+    unsafe { v128_load(s.as_ptr() as *const v128) }
+}
+
+#[inline(always)]
+fn load16_i8(b: &[i8], at: usize) -> v128 {
+    let s = &b[at..at + 16];
+    // SAFETY: as in `load16`.
+    unsafe { v128_load(s.as_ptr() as *const v128) }
+}
+
+/// Σ w·a over 16 signed bytes each, in 4 × i32 lanes.
+#[inline(always)]
+fn dot16(w: v128, a: v128) -> v128 {
+    let lo = i32x4_dot_i16x8(i16x8_extend_low_i8x16(w), i16x8_extend_low_i8x16(a));
+    let hi = i32x4_dot_i16x8(i16x8_extend_high_i8x16(w), i16x8_extend_high_i8x16(a));
+    i32x4_add(lo, hi)
+}
+
+/// Σ w·a over the 32 elements of activation block `b`, given the weights as two halves of 16 bytes.
+#[inline(always)]
+fn dot32(w0: v128, w1: v128, a: ActRow<'_>, b: usize) -> v128 {
+    i32x4_add(
+        dot16(w0, load16_i8(a.qs, 32 * b)),
+        dot16(w1, load16_i8(a.qs, 32 * b + 16)),
+    )
+}
+
+/// `acc + p · s` for i32 lanes `p`.
+#[inline(always)]
+fn scaled(acc: v128, p: v128, s: f32) -> v128 {
+    f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(p), f32x4_splat(s)))
+}
+
+#[inline(always)]
+fn hsum(v: v128) -> f32 {
+    (f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v))
+        + (f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v))
+}
+
+/// 16 bytes of packed nibbles → (low nibbles, high nibbles).
+#[inline(always)]
+fn nibbles(b: v128) -> (v128, v128) {
+    (v128_and(b, u8x16_splat(0x0f)), u8x16_shr(b, 4))
+}
+
+fn q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
+    let (mut acc, mut off) = (f32x4_splat(0.0), 0f32);
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let s = f16_at(blk, 0) * a.d[b];
+        let (lo, hi) = nibbles(load16(blk, 2));
+        acc = scaled(acc, dot32(lo, hi, a, b), s);
+        off += s * a.sum[b] as f32;
+    }
+    hsum(acc) - 8.0 * off
+}
+
+fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
+    let (mut acc, mut off) = (f32x4_splat(0.0), 0f32);
+    for (b, blk) in w.chunks_exact(20).enumerate() {
+        let s = f16_at(blk, 0) * a.d[b];
+        let (lo, hi) = nibbles(load16(blk, 4));
+        acc = scaled(acc, dot32(lo, hi, a, b), s);
+        off += f16_at(blk, 2) * a.d[b] * a.sum[b] as f32;
+    }
+    hsum(acc) + off
+}
+
+fn q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = f32x4_splat(0.0);
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let s = f16_at(blk, 0) * a.d[b];
+        acc = scaled(acc, dot32(load16(blk, 2), load16(blk, 18), a, b), s);
+    }
+    hsum(acc)
+}
+
+fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
+    let (mut acc, mut mins) = (f32x4_splat(0.0), 0f32);
+    for (sb, blk) in w.chunks_exact(144).enumerate() {
+        let d = f16_at(blk, 0);
+        let dmin = f16_at(blk, 2);
+        let scales = &blk[4..16];
+        for j in 0..4 {
+            // 32 bytes: their low nibbles are group 2j, their high nibbles group 2j + 1.
+            let (lo0, hi0) = nibbles(load16(blk, 16 + 32 * j));
+            let (lo1, hi1) = nibbles(load16(blk, 32 + 32 * j));
+            for (h, (w0, w1)) in [(0, (lo0, lo1)), (1, (hi0, hi1))] {
+                let g = 2 * j + h;
+                let ab = sb * 8 + g;
+                let (sc, m) = super::dequant::q4k_scale_min(g, scales);
+                acc = scaled(acc, dot32(w0, w1, a, ab), d * sc as f32 * a.d[ab]);
+                mins += dmin * m as f32 * a.d[ab] * a.sum[ab] as f32;
+            }
+        }
+    }
+    hsum(acc) - mins
+}
+
+fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = f32x4_splat(0.0);
+    let m32 = i8x16_splat(32);
+    for (sb, blk) in w.chunks_exact(210).enumerate() {
+        let d = f16_at(blk, 208);
+        for half in 0..2 {
+            for part in 0..4 {
+                let g = 4 * half + part;
+                let ab = sb * 8 + g;
+                let sc = &blk[192 + 8 * half + 2 * part..];
+                // Elements 0..16 of the group use the first scale, 16..32 the second.
+                for (i, &scale) in sc[..2].iter().enumerate() {
+                    let ql = load16(blk, 64 * half + 32 * (part & 1) + 16 * i);
+                    let qh = load16(blk, 128 + 32 * half + 16 * i);
+                    let lo = if part < 2 {
+                        v128_and(ql, u8x16_splat(0x0f))
+                    } else {
+                        u8x16_shr(ql, 4)
+                    };
+                    let hb = v128_and(u8x16_shr(qh, 2 * part as u32), u8x16_splat(0x03));
+                    let q = i8x16_sub(v128_or(lo, i8x16_shl(hb, 4)), m32);
+                    let p = dot16(q, load16_i8(a.qs, 32 * ab + 16 * i));
+                    acc = scaled(acc, p, d * (scale as i8) as f32 * a.d[ab]);
+                }
+            }
+        }
+    }
+    hsum(acc)
+}
