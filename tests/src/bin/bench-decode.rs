@@ -9,18 +9,11 @@ use std::time::Instant;
 use tandem_common::engine::{Engine, default_device};
 use tandem_common::models;
 use tandem_common::sample::argmax;
+use tandem_tests::llamacpp::{Measured, measure_llamacpp};
 
 const PROMPT_TOKENS: usize = 128;
 const DECODE_TOKENS: usize = 64;
 const REPEATS: usize = 3;
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Measured {
-    prefill_tok_s: f64,
-    decode_tok_s: f64,
-    #[serde(default)]
-    peak_rss_bytes: u64,
-}
 
 /// Prompt ids: real text, cycled to `PROMPT_TOKENS`.
 fn prompt_ids(e: &Engine) -> Vec<u32> {
@@ -71,38 +64,6 @@ fn measure_tandem(model: &str) -> (Measured, Vec<u32>) {
     )
 }
 
-fn measure_llamacpp(python: &str, model: &str, threads: usize, ids: &[u32]) -> Measured {
-    let path = models::resolve(model).unwrap_or_else(|e| panic!("{e}"));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/llamacpp_bench.py");
-    let mut best = Measured {
-        prefill_tok_s: 0.0,
-        decode_tok_s: 0.0,
-        peak_rss_bytes: 0,
-    };
-    for _ in 0..REPEATS {
-        let out = Command::new(python)
-            .args([
-                script,
-                path.to_str().expect("utf-8 path"),
-                &threads.to_string(),
-            ])
-            .arg(serde_json::to_string(ids).expect("ids"))
-            .arg(DECODE_TOKENS.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("running {python}: {e}"));
-        assert!(
-            out.status.success(),
-            "llama.cpp benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let m: Measured =
-            serde_json::from_slice(&out.stdout).expect("llama.cpp benchmark prints JSON");
-        best.prefill_tok_s = best.prefill_tok_s.max(m.prefill_tok_s);
-        best.decode_tok_s = best.decode_tok_s.max(m.decode_tok_s);
-    }
-    best
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() == 3 && args[1] == "--one" {
@@ -143,7 +104,7 @@ fn main() {
         );
         let (t, ids): (Measured, Vec<u32>) =
             serde_json::from_slice(&out.stdout).expect("child prints JSON");
-        let l = measure_llamacpp(&python, model, threads, &ids);
+        let l = measure_llamacpp(&python, model, threads, &ids, DECODE_TOKENS, REPEATS);
         let gguf = models::spec(model).expect("registered").size as f64;
         println!(
             "{:<10} {:>13.1} {:>13.1} {:>6.2}x {:>14.1} {:>14.1} {:>6.2}x {:>8.0} MB {:>8.2}x",
