@@ -20,22 +20,15 @@ pub fn start(req: FetchRequest, started: Instant) -> Result<IncomingKv, FetchErr
     let (header_tx, header_rx) = mpsc::channel();
     let (layer_tx, layer_rx) = mpsc::channel();
     let timeout = req.cloud.timeout;
-    std::thread::Builder::new()
-        .name("tandem-kv-fetch".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = header_tx.send(Err(FetchError::Protocol(e.to_string())));
-                    return;
-                }
-            };
-            rt.block_on(run(req, header_tx, layer_tx));
-        })
-        .map_err(|e| FetchError::Protocol(e.to_string()))?;
+    let failed = header_tx.clone();
+    spawn_io_thread(
+        "tandem-kv-fetch",
+        move |e| {
+            let _ = failed.send(Err(FetchError::Protocol(e)));
+        },
+        move || run(req, header_tx, layer_tx),
+    )
+    .map_err(|e| FetchError::Protocol(e.to_string()))?;
     let (header, codec) = header_rx
         .recv_timeout(timeout)
         .map_err(|_| FetchError::Timeout(timeout))??;
@@ -48,6 +41,31 @@ pub fn start(req: FetchRequest, started: Instant) -> Result<IncomingKv, FetchErr
         })?
     });
     Ok(IncomingKv::new(header, codec, started.elapsed(), next))
+}
+
+/// Runs the future `task()` makes on a new thread called `name`, with its own single-threaded tokio runtime (network
+/// I/O off the compute thread); if that runtime cannot be built, `failed` gets the reason instead.
+pub fn spawn_io_thread<F, Fut>(
+    name: &str,
+    failed: impl FnOnce(String) + Send + 'static,
+    task: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(task()),
+                Err(e) => failed(e.to_string()),
+            }
+        })
+        .map(|_| ())
 }
 
 type HeaderTx = mpsc::Sender<Result<(KvState, Codec), FetchError>>;

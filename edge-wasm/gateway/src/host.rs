@@ -206,68 +206,61 @@ impl KvLink {
         let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let (in_tx, in_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("tandem-kv-link".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
+        let failed = ready_tx.clone();
+        tandem_edge::fetch::spawn_io_thread(
+            "tandem-kv-link",
+            move |e| {
+                let _ = failed.send(Err(e));
+            },
+            move || async move {
+                let connected =
+                    tokio::time::timeout(timeout, tokio_tungstenite::connect_async(&url)).await;
+                let ws = match connected {
+                    Ok(Ok((ws, _))) => ws,
+                    Ok(Err(e)) => {
                         let _ = ready_tx.send(Err(e.to_string()));
                         return;
                     }
+                    Err(_) => {
+                        let _ = ready_tx.send(Err(format!("no connection within {timeout:?}")));
+                        return;
+                    }
                 };
-                rt.block_on(async move {
-                    let connected =
-                        tokio::time::timeout(timeout, tokio_tungstenite::connect_async(&url)).await;
-                    let ws = match connected {
-                        Ok(Ok((ws, _))) => ws,
-                        Ok(Err(e)) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                            return;
-                        }
-                        Err(_) => {
-                            let _ = ready_tx.send(Err(format!("no connection within {timeout:?}")));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let (mut sink, mut source) = ws.split();
-                    loop {
-                        tokio::select! {
-                            out = out_rx.recv() => match out {
-                                Some(m) => {
-                                    if let Err(e) = sink.send(WsMessage::binary(m)).await {
-                                        let _ = in_tx.send(Err(format!("sending: {e}")));
-                                        return;
-                                    }
-                                }
-                                // The guest dropped the link.
-                                None => {
-                                    let _ = sink.close().await;
-                                    return;
-                                }
-                            },
-                            msg = source.next() => {
-                                let got = match msg {
-                                    Some(Ok(WsMessage::Binary(b))) => Ok(b.to_vec()),
-                                    Some(Ok(WsMessage::Text(_))) => Err("unexpected text message".to_string()),
-                                    Some(Ok(WsMessage::Close(_))) | None => Err("the connection was closed".to_string()),
-                                    Some(Ok(_)) => continue,
-                                    Some(Err(e)) => Err(e.to_string()),
-                                };
-                                let end = got.is_err();
-                                if in_tx.send(got).is_err() || end {
+                let _ = ready_tx.send(Ok(()));
+                let (mut sink, mut source) = ws.split();
+                loop {
+                    tokio::select! {
+                        out = out_rx.recv() => match out {
+                            Some(m) => {
+                                if let Err(e) = sink.send(WsMessage::binary(m)).await {
+                                    let _ = in_tx.send(Err(format!("sending: {e}")));
                                     return;
                                 }
                             }
+                            // The guest dropped the link.
+                            None => {
+                                let _ = sink.close().await;
+                                return;
+                            }
+                        },
+                        msg = source.next() => {
+                            let got = match msg {
+                                Some(Ok(WsMessage::Binary(b))) => Ok(b.to_vec()),
+                                Some(Ok(WsMessage::Text(_))) => Err("unexpected text message".to_string()),
+                                Some(Ok(WsMessage::Close(_))) | None => Err("the connection was closed".to_string()),
+                                Some(Ok(_)) => continue,
+                                Some(Err(e)) => Err(e.to_string()),
+                            };
+                            let end = got.is_err();
+                            if in_tx.send(got).is_err() || end {
+                                return;
+                            }
                         }
                     }
-                });
-            })
-            .map_err(|e| e.to_string())?;
+                }
+            },
+        )
+        .map_err(|e| e.to_string())?;
         ready_rx
             .recv()
             .map_err(|_| "the link thread ended".to_string())??;
