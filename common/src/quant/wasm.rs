@@ -3,7 +3,8 @@
 //!
 //! Each kernel computes what `dot::dot_scalar` computes for its type: weights are unpacked 16 at a time to bytes,
 //! widened with the int8 activations to i16 and multiplied-and-added in pairs (`i32x4.dot_i16x8_s`) to i32, then
-//! scaled in f32. Offsets and minimums are folded in through the activation block sums, as on x86.
+//! scaled in f32. Offsets and minimums are folded in through the activation block sums, as on x86. Where relaxed
+//! SIMD is enabled (the wasmtime component), 4- and 6-bit weights use its 8-bit dot product instead.
 
 use std::arch::wasm32::*;
 
@@ -56,6 +57,30 @@ fn dot32(w0: v128, w1: v128, a: ActRow<'_>, b: usize) -> v128 {
     )
 }
 
+/// As [`dot32`] for weights in 0..128, with relaxed SIMD's 8-bit dot product (one `pmaddubsw` + `pmaddwd` on x86,
+/// `sdot` on ARM). Its result is only implementation-defined for weights ≥ 128, which these never are.
+#[cfg(target_feature = "relaxed-simd")]
+#[inline(always)]
+fn dot32_u7(w0: v128, w1: v128, a: ActRow<'_>, b: usize) -> v128 {
+    let acc = i32x4_relaxed_dot_i8x16_i7x16_add(load16_i8(a.qs, 32 * b), w0, i32x4_splat(0));
+    i32x4_relaxed_dot_i8x16_i7x16_add(load16_i8(a.qs, 32 * b + 16), w1, acc)
+}
+
+#[cfg(not(target_feature = "relaxed-simd"))]
+use self::dot32 as dot32_u7;
+
+/// Σ (q − 32)·a over 16 elements for 6-bit weights `q` in 0..64.
+#[inline(always)]
+fn dot16_q6(q: v128, a: v128) -> v128 {
+    #[cfg(target_feature = "relaxed-simd")]
+    return i32x4_sub(
+        i32x4_relaxed_dot_i8x16_i7x16_add(a, q, i32x4_splat(0)),
+        i32x4_relaxed_dot_i8x16_i7x16_add(a, i8x16_splat(32), i32x4_splat(0)),
+    );
+    #[cfg(not(target_feature = "relaxed-simd"))]
+    dot16(i8x16_sub(q, i8x16_splat(32)), a)
+}
+
 /// `acc + p · s` for i32 lanes `p`.
 #[inline(always)]
 fn scaled(acc: v128, p: v128, s: f32) -> v128 {
@@ -79,7 +104,7 @@ fn q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
     for (b, blk) in w.chunks_exact(18).enumerate() {
         let s = f16_at(blk, 0) * a.d[b];
         let (lo, hi) = nibbles(load16(blk, 2));
-        acc = scaled(acc, dot32(lo, hi, a, b), s);
+        acc = scaled(acc, dot32_u7(lo, hi, a, b), s);
         off += s * a.sum[b] as f32;
     }
     hsum(acc) - 8.0 * off
@@ -90,7 +115,7 @@ fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
     for (b, blk) in w.chunks_exact(20).enumerate() {
         let s = f16_at(blk, 0) * a.d[b];
         let (lo, hi) = nibbles(load16(blk, 4));
-        acc = scaled(acc, dot32(lo, hi, a, b), s);
+        acc = scaled(acc, dot32_u7(lo, hi, a, b), s);
         off += f16_at(blk, 2) * a.d[b] * a.sum[b] as f32;
     }
     hsum(acc) + off
@@ -119,7 +144,7 @@ fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
                 let g = 2 * j + h;
                 let ab = sb * 8 + g;
                 let (sc, m) = super::dequant::q4k_scale_min(g, scales);
-                acc = scaled(acc, dot32(w0, w1, a, ab), d * sc as f32 * a.d[ab]);
+                acc = scaled(acc, dot32_u7(w0, w1, a, ab), d * sc as f32 * a.d[ab]);
                 mins += dmin * m as f32 * a.d[ab] * a.sum[ab] as f32;
             }
         }
@@ -129,7 +154,6 @@ fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
 
 fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
     let mut acc = f32x4_splat(0.0);
-    let m32 = i8x16_splat(32);
     for (sb, blk) in w.chunks_exact(210).enumerate() {
         let d = f16_at(blk, 208);
         for half in 0..2 {
@@ -147,8 +171,10 @@ fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
                         u8x16_shr(ql, 4)
                     };
                     let hb = v128_and(u8x16_shr(qh, 2 * part as u32), u8x16_splat(0x03));
-                    let q = i8x16_sub(v128_or(lo, i8x16_shl(hb, 4)), m32);
-                    let p = dot16(q, load16_i8(a.qs, 32 * ab + 16 * i));
+                    let p = dot16_q6(
+                        v128_or(lo, i8x16_shl(hb, 4)),
+                        load16_i8(a.qs, 32 * ab + 16 * i),
+                    );
                     acc = scaled(acc, p, d * (scale as i8) as f32 * a.d[ab]);
                 }
             }
