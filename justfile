@@ -51,13 +51,37 @@ gateway-chat context prompt cloud="http://127.0.0.1:8080" *args: component build
 gateway upstream addr="127.0.0.1:8081" *args: (models "smollm2") build
     {{CARGO_TARGET_DIR}}/release/tandem-gateway serve --upstream {{upstream}} --addr {{addr}} {{args}}
 
+tools := env_var_or_default("TANDEM_TOOLS", env_var("HOME") / ".cache/tandem/tools")
+
+# The browser edge as an npm package in edge-wasm/npm/dist: the engine for wasm32-unknown-unknown (simd128), its
+# wasm-bindgen glue (the CLI at the crate's exact version, installed once under {{tools}}) and the TypeScript layer.
+npm:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    version=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+    bindgen="{{tools}}/bin/wasm-bindgen"
+    if ! "$bindgen" --version 2>/dev/null | grep -qx "wasm-bindgen $version"; then
+      # Not --locked: its lock file pins a webpki-roots release that crates.io no longer offers.
+      cargo install wasm-bindgen-cli --version "$version" --root "{{tools}}"
+    fi
+    cargo rustc --release --target wasm32-unknown-unknown -p tandem-edge --crate-type cdylib
+    rm -rf edge-wasm/npm/dist
+    "$bindgen" --target web --no-typescript --out-dir edge-wasm/npm/dist/wasm "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/tandem_edge.wasm"
+    cd edge-wasm/npm
+    npm ci --no-audit --no-fund --loglevel=error
+    npx tsc -p .
+
+# playwright-core for the browser tests (they drive the system's Chromium: `apt-get install chromium`).
+browser-deps:
+    cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+
 # The shared core's unit tests compiled to WebAssembly (wasm32-wasip2, simd128 kernels), run under wasmtime.
 test-wasm:
     cargo build --release -p tandem-gateway
     CARGO_TARGET_WASM32_WASIP2_RUNNER="{{CARGO_TARGET_DIR}}/release/tandem-gateway run" cargo test --release --target wasm32-wasip2 -p tandem-common --lib
 
-# All tests (fetches the two models the tests use first, builds the edge component).
-test: (models "smollm2" "qwen-0.5b") component test-wasm
+# All tests (fetches the two models the tests use first, builds the edge component and the npm package).
+test: (models "smollm2" "qwen-0.5b") component npm browser-deps test-wasm
     cargo test --release --workspace
 
 llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")

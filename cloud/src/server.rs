@@ -380,7 +380,23 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
         )
         .recover(recover)
         .unify()
+        .map(with_isolation_headers)
         .boxed()
+}
+
+/// Makes pages served from here cross-origin isolated: the browser edge streams KV into its worker through a
+/// SharedArrayBuffer, which only such pages have. Other origins' isolated pages may still fetch the weights.
+fn with_isolation_headers(mut r: Response) -> Response {
+    use warp::http::header::HeaderValue;
+    let h = r.headers_mut();
+    for (name, value) in [
+        ("cross-origin-opener-policy", "same-origin"),
+        ("cross-origin-embedder-policy", "require-corp"),
+        ("cross-origin-resource-policy", "cross-origin"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    r
 }
 
 /// Rejections as JSON errors that say what was wrong.

@@ -75,7 +75,7 @@ pub fn spec(name: &str) -> Option<ModelSpec> {
 }
 
 /// The registry model `name`, or an error listing the known ones.
-fn lookup(name: &str) -> Result<ModelSpec, ModelLookupError> {
+pub fn lookup(name: &str) -> Result<ModelSpec, ModelLookupError> {
     spec(name).ok_or_else(|| ModelLookupError::Unknown {
         name: name.to_string(),
         known: registry()

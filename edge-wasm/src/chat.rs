@@ -49,6 +49,45 @@ pub struct TurnStats {
     pub ttft: Duration,
 }
 
+/// A turn's statistics flattened for hosts and pages (the WIT `turn-stats` record, the browser's JSON).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StatsSummary {
+    /// `cloud`, `local` or `none`.
+    pub kv_source: &'static str,
+    pub fallback_reason: Option<String>,
+    pub codec: Option<String>,
+    pub context_tokens: u32,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub kv_bytes: u64,
+    pub ttft_ms: f64,
+    /// When the context's last layer arrived, from the start of the turn.
+    pub kv_done_ms: f64,
+    pub decode_tokens_per_second: f64,
+}
+
+impl TurnStats {
+    pub fn summary(&self) -> StatsSummary {
+        let (kv_source, fallback_reason, codec) = match &self.source {
+            KvSource::Cloud { codec } => ("cloud", None, Some(codec.to_string())),
+            KvSource::Local { reason } => ("local", Some(reason.clone()), None),
+            KvSource::None => ("none", None, None),
+        };
+        StatsSummary {
+            kv_source,
+            fallback_reason,
+            codec,
+            context_tokens: self.context_tokens as u32,
+            prompt_tokens: self.generate.prompt_tokens as u32,
+            generated_tokens: self.generate.generated_tokens as u32,
+            kv_bytes: self.kv_bytes as u64,
+            ttft_ms: self.ttft.as_secs_f64() * 1e3,
+            kv_done_ms: self.kv_done_after.as_secs_f64() * 1e3,
+            decode_tokens_per_second: self.generate.decode_tokens_per_s(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error(transparent)]

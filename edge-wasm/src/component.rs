@@ -14,7 +14,7 @@ use tandem_common::sample::SamplingParams;
 use tandem_common::tokenizer::Message;
 use web_time::Instant;
 
-use crate::chat::{CloudContext, ContextSource, KvSource, Turn, start_turn};
+use crate::chat::{CloudContext, ContextSource, Turn, start_turn};
 use crate::incoming::{IncomingKv, MessageLink, fetch_over};
 use crate::protocol::{FetchError, FetchRequest};
 
@@ -137,22 +137,17 @@ impl wit::GuestChatStream for ChatStream {
     }
 
     fn stats(&self) -> wit::TurnStats {
-        let s = self.0.borrow().stats();
-        let (kv_source, fallback_reason, codec) = match s.source {
-            KvSource::Cloud { codec } => ("cloud", None, Some(codec.to_string())),
-            KvSource::Local { reason } => ("local", Some(reason), None),
-            KvSource::None => ("none", None, None),
-        };
+        let s = self.0.borrow().stats().summary();
         wit::TurnStats {
-            kv_source: kv_source.into(),
-            fallback_reason,
-            codec,
-            context_tokens: s.context_tokens as u32,
-            prompt_tokens: s.generate.prompt_tokens as u32,
-            generated_tokens: s.generate.generated_tokens as u32,
-            kv_bytes: s.kv_bytes as u64,
-            ttft_ms: s.ttft.as_secs_f64() * 1e3,
-            decode_tokens_per_second: s.generate.decode_tokens_per_s(),
+            kv_source: s.kv_source.into(),
+            fallback_reason: s.fallback_reason,
+            codec: s.codec,
+            context_tokens: s.context_tokens,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.generated_tokens,
+            kv_bytes: s.kv_bytes,
+            ttft_ms: s.ttft_ms,
+            decode_tokens_per_second: s.decode_tokens_per_second,
         }
     }
 }

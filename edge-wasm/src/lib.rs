@@ -6,9 +6,13 @@
 //! - [`fetch`] (native): the transport over a background WebSocket thread.
 //! - `component` (`wasm32-wasip2`): the runtime as a component of `wit/tandem.wit`'s `edge` world, for wasmtime
 //!   hosts such as `tandem-gateway`; build it with `just component`.
+//! - `browser` (`wasm32-unknown-unknown`): the runtime for a Web Worker, through wasm-bindgen; the npm package in
+//!   `edge-wasm/npm` wraps it (`just npm`).
 
 pub use tandem_common as common;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+mod browser;
 pub mod chat;
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod component;

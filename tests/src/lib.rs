@@ -12,6 +12,7 @@ pub mod cloud;
 pub mod gguf_writer;
 pub mod http;
 pub mod llamacpp;
+pub mod parity;
 pub mod shaper;
 
 /// A model from the cache, loaded once per test binary. Panics with the fetch command if it is missing.

@@ -13,16 +13,12 @@ use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
 use tandem_gateway::host::{self, Runtime, Weights};
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::engine;
+use tandem_tests::parity::{assert_same_answer, native_steps};
 
 const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a small ARM box called Gull. It caches \
 the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
 const QUESTION: &str = "What does Gull cache?";
 const TOKENS: u32 = 16;
-/// The component and native compute the same model but not in the same float order (wasm has no FMA, burn's CPU
-/// matmul picks other SIMD kernels, another libm): logits differ by ~0.01, so where native's two best tokens are
-/// closer than this the component may pick the other. Up to the first such near-tie, tokens must be identical.
-const NEAR_TIE: f32 = 0.1;
-
 fn runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
@@ -57,48 +53,6 @@ fn wit_cloud(url: &str, id: &str) -> host::CloudContext {
         auth: None,
         timeout_ms: 30_000,
     }
-}
-
-/// Native greedy pieces of the answer (context prefilled here, which is exactly the lossless cloud path) and, per
-/// step, the gap between the best and second-best logits.
-fn native_steps() -> Vec<(String, f32)> {
-    let e = engine("smollm2");
-    let mut s = e.session();
-    let ctx = e.tokenizer.context_tokens(CONTEXT).unwrap();
-    s.attach_context(&e.prefill_kv(&ctx).unwrap()).unwrap();
-    let prompt = e
-        .tokenizer
-        .chat_tokens(&[Message::new("user", QUESTION)], true)
-        .unwrap();
-    let mut logits = s.prefill(&prompt).unwrap();
-    let mut text = tandem_common::tokenizer::TextStream::new(&e.tokenizer);
-    let mut steps = Vec::new();
-    for _ in 0..TOKENS {
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let (best, gap) = (order[0] as u32, logits[order[0]] - logits[order[1]]);
-        if e.tokenizer.is_stop(best) {
-            break;
-        }
-        steps.push((text.push(best).unwrap(), gap));
-        logits = s.decode(best).unwrap();
-    }
-    steps
-}
-
-/// Asserts `got` is native's answer up to its first near-tie, which must not come too early to mean anything.
-fn assert_same_answer(got: &[String], native: &[(String, f32)]) {
-    let sure = native
-        .iter()
-        .position(|(_, gap)| *gap < NEAR_TIE)
-        .unwrap_or(native.len());
-    assert!(
-        sure >= 6,
-        "native's answer has a near-tie at token {sure}: pick another question"
-    );
-    let want: Vec<&str> = native[..sure].iter().map(|(t, _)| t.as_str()).collect();
-    let got: Vec<&str> = got.iter().take(sure).map(String::as_str).collect();
-    assert_eq!(got, want, "component vs native, first {sure} tokens");
 }
 
 /// The component's answer, piece by piece, and its stats.
@@ -155,7 +109,7 @@ fn native_answer(cloud_url: &str, id: &str) -> (Vec<String>, KvSource) {
 fn component_answers_like_native_and_the_gateway_caches_context_kv() {
     let cloud = TestCloud::start(ServeOptions::default());
     let id = cloud.register(CONTEXT);
-    let native = native_steps();
+    let native = native_steps("smollm2", CONTEXT, QUESTION, TOKENS as usize);
     let (want, source) = native_answer(&cloud.url(), &id);
     assert!(matches!(source, KvSource::Cloud { .. }), "{source:?}");
     let pieces: Vec<&String> = native.iter().map(|(t, _)| t).collect();
@@ -172,7 +126,7 @@ fn component_answers_like_native_and_the_gateway_caches_context_kv() {
     assert_eq!(st.kv_source, "cloud", "{:?}", st.fallback_reason);
     assert_eq!(st.codec.as_deref(), Some("lossless"));
     assert!(st.kv_bytes > 0 && st.context_tokens > 40, "{st:?}");
-    assert_same_answer(&got, &native);
+    assert_same_answer(&got, &native, "component");
     assert_eq!(cloud.metric("tandem_kv_sessions_total"), 2);
 
     // A gateway in front of the cloud: the first edge's request pulls the context once, the second is served from
@@ -192,7 +146,7 @@ fn component_answers_like_native_and_the_gateway_caches_context_kv() {
     });
     assert_eq!(st.kv_source, "cloud", "{:?}", st.fallback_reason);
     assert_eq!(first, want, "native through the gateway");
-    assert_same_answer(&second, &native);
+    assert_same_answer(&second, &native, "component via the gateway");
     assert_eq!(gateway.metric("tandem_kv_sessions_total"), 2);
     assert_eq!(gateway.metric("tandem_upstream_pulls_total"), 1);
     assert_eq!(
@@ -235,7 +189,11 @@ fn component_falls_back_to_local_prefill_when_the_cloud_is_unreachable() {
     assert_eq!(st.kv_source, "local");
     let reason = st.fallback_reason.unwrap_or_default();
     assert!(reason.contains("cannot reach"), "{reason}");
-    assert_same_answer(&got, &native_steps());
+    assert_same_answer(
+        &got,
+        &native_steps("smollm2", CONTEXT, QUESTION, TOKENS as usize),
+        "component, local fallback",
+    );
 }
 
 /// Weights that are not the pinned file are refused by the component with a message naming the model and hash.

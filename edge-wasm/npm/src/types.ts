@@ -1,0 +1,94 @@
+// The public types of @tandem/edge.
+
+export interface LoadProgress {
+  /// `download`: fetching the weights from the cloud; `cache`: read from the browser's cache; `load`: checking the
+  /// weights' hash and building the model.
+  phase: "download" | "cache" | "load";
+  loaded: number;
+  total: number;
+}
+
+export interface EngineInfo {
+  model: string;
+  /// The weights' fingerprint (the cloud serves KV only for these weights).
+  weights: string;
+  layers: number;
+  context_length: number;
+  /// Where the model runs: `wasm-cpu` (WebAssembly SIMD on one core).
+  backend: "wasm-cpu";
+  /// What `navigator.gpu` offered: an adapter's description, or why there is none.
+  webgpu: { adapter: string | null; note: string };
+  /// Whether the page is cross-origin isolated, which streaming KV into the worker needs.
+  crossOriginIsolated: boolean;
+  /// Whether the weights came from the browser's cache.
+  weightsCached: boolean;
+  loadMs: number;
+}
+
+/// What one answer did.
+export interface TurnStats {
+  /// `cloud`: the context's KV streamed from the cloud; `local`: computed here (see `fallback_reason`).
+  kv_source: "cloud" | "local" | "none";
+  fallback_reason: string | null;
+  codec: string | null;
+  context_tokens: number;
+  prompt_tokens: number;
+  generated_tokens: number;
+  /// KV payload bytes received.
+  kv_bytes: number;
+  ttft_ms: number;
+  kv_done_ms: number;
+  decode_tokens_per_second: number;
+}
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | string;
+  content: string;
+}
+
+/// A shared context: its id on the cloud, and optionally its text (for a local fallback when the cloud is away).
+export interface ContextRef {
+  id?: string;
+  text?: string;
+  /// A KV codec to insist on (`lossless`, `q8`, `q4`, `q2`, ...); the cloud picks by bandwidth otherwise.
+  codec?: string;
+  timeoutMs?: number;
+}
+
+export interface ChatCompletionRequest {
+  messages: ChatMessage[];
+  /// A context id on the engine's cloud, or a [`ContextRef`].
+  context?: string | ContextRef;
+  stream?: boolean;
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  seed?: number;
+  /// Stops the answer after the current token.
+  signal?: AbortSignal;
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: "chat.completion.chunk";
+  created: number;
+  model: string;
+  choices: { index: 0; delta: { role?: "assistant"; content?: string }; finish_reason: "stop" | "length" | null }[];
+  /// On the last chunk: what the answer did.
+  tandem?: TurnStats;
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: "chat.completion";
+  created: number;
+  model: string;
+  choices: { index: 0; message: { role: "assistant"; content: string }; finish_reason: "stop" | "length" }[];
+  usage: { prompt_tokens: number; completion_tokens: number; total_tokens: number };
+  tandem: TurnStats;
+}
+
+export interface EngineStats extends EngineInfo {
+  /// The last answer's statistics, once there is one.
+  last: TurnStats | null;
+}

@@ -1,0 +1,226 @@
+// The engine worker: downloads (or reads from the cache) and loads the model, and runs chat turns, so the page's
+// main thread never computes. The context's KV streams in through the KV I/O worker (kv-io-worker.ts).
+
+import { RecordKind, RingReader, newRing } from "./ring.js";
+import type { EngineEvent, EngineRequest, WorkerChatRequest } from "./messages.js";
+import type { EngineInfo, LoadProgress, TurnStats } from "./types.js";
+
+/// The wasm-bindgen exports this worker uses (edge-wasm/src/browser.rs).
+interface Wasm {
+  default(input?: unknown): Promise<unknown>;
+  BrowserEngine: { load(model: string, weights: Uint8Array): BrowserEngine };
+  expected_weights(model: string): string;
+}
+interface BrowserEngine {
+  info(): string;
+  chat(request: string): BrowserChat;
+}
+interface BrowserChat {
+  next(): string | undefined;
+  stats(): string;
+  free(): void;
+}
+
+const scope = self as unknown as {
+  postMessage(m: EngineEvent): void;
+  onmessage: ((e: MessageEvent) => void) | null;
+  crossOriginIsolated: boolean;
+  tandemKv: unknown;
+};
+const post = (m: EngineEvent) => scope.postMessage(m);
+const CACHE = "tandem-weights-v1";
+const CACHE_KEY_BASE = "https://tandem.invalid/weights";
+
+let engine: BrowserEngine | null = null;
+let queue: Promise<void> = Promise.resolve();
+const stopped = new Set<number>();
+
+scope.onmessage = (e: MessageEvent) => {
+  const req = e.data as EngineRequest;
+  switch (req.op) {
+    case "init":
+      init(req.cloudUrl, req.model, req.io).catch((err) => post({ type: "failed", error: message(err) }));
+      return;
+    case "chat":
+      // One turn at a time: the model is one.
+      queue = queue.then(() => chat(req.id, req.request));
+      return;
+    case "stop":
+      stopped.add(req.id);
+      return;
+  }
+};
+
+async function init(cloudUrl: string, model: string, io: MessagePort): Promise<void> {
+  const t0 = performance.now();
+  installKvLink(io);
+  const wasm: Wasm = await import(new URL("./wasm/tandem_edge.js", import.meta.url).href);
+  await wasm.default();
+  const webgpu = await probeWebGpu();
+  const expected = JSON.parse(wasm.expected_weights(model)) as { sha256: string; size: number };
+  const url = `${cloudUrl.replace(/\/$/, "")}/weights/${encodeURIComponent(model)}`;
+  // Keyed by model and pinned hash, not by cloud: the same weights serve whichever cloud (or none: offline) the
+  // page talks to, and a new pin never reads stale weights.
+  const key = `${CACHE_KEY_BASE}/${encodeURIComponent(model)}/${expected.sha256}`;
+  const cache = await caches.open(CACHE);
+  const cached = await cache.match(key);
+  let weights: Uint8Array<ArrayBuffer>;
+  if (cached) {
+    weights = new Uint8Array(await cached.arrayBuffer());
+    progress({ phase: "cache", loaded: weights.length, total: weights.length });
+  } else {
+    weights = await download(url, expected.size);
+  }
+  progress({ phase: "load", loaded: 0, total: weights.length });
+  try {
+    engine = wasm.BrowserEngine.load(model, weights);
+  } catch (err) {
+    // A cached copy that no longer checks out is dropped, so the next load downloads again.
+    if (cached) await cache.delete(key);
+    throw err;
+  }
+  if (!cached) await cache.put(key, new Response(weights, { headers: { "content-length": String(weights.length) } }));
+  progress({ phase: "load", loaded: weights.length, total: weights.length });
+  const info: EngineInfo = {
+    ...JSON.parse(engine.info()),
+    backend: "wasm-cpu",
+    webgpu,
+    crossOriginIsolated: scope.crossOriginIsolated,
+    weightsCached: cached !== undefined,
+    loadMs: performance.now() - t0,
+  };
+  post({ type: "ready", info });
+}
+
+function progress(p: LoadProgress): void {
+  post({ type: "progress", progress: p });
+}
+
+/// The weights, with progress events (at most one per percent).
+async function download(url: string, expectedSize: number): Promise<Uint8Array<ArrayBuffer>> {
+  const res = await fetch(url);
+  if (!res.ok || !res.body) throw new Error(`downloading the weights from ${url}: HTTP ${res.status}`);
+  const total = Number(res.headers.get("content-length") ?? expectedSize) || expectedSize;
+  if (total !== expectedSize) {
+    throw new Error(`the weights at ${url} are ${total} bytes, the pinned model is ${expectedSize} bytes`);
+  }
+  const out = new Uint8Array(total);
+  const reader = res.body.getReader();
+  let loaded = 0;
+  let reported = -1;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (loaded + value.length > total) throw new Error(`the weights at ${url} are longer than ${total} bytes`);
+    out.set(value, loaded);
+    loaded += value.length;
+    const percent = Math.floor((100 * loaded) / total);
+    if (percent !== reported) {
+      reported = percent;
+      progress({ phase: "download", loaded, total });
+    }
+  }
+  if (loaded !== total) throw new Error(`the download of ${url} stopped after ${loaded} of ${total} bytes`);
+  return out;
+}
+
+async function probeWebGpu(): Promise<EngineInfo["webgpu"]> {
+  const gpu = (navigator as unknown as { gpu?: { requestAdapter(): Promise<any> } }).gpu;
+  if (!gpu) return { adapter: null, note: "this browser has no WebGPU (navigator.gpu is missing)" };
+  let adapter: any = null;
+  try {
+    adapter = await gpu.requestAdapter();
+  } catch (err) {
+    return { adapter: null, note: `WebGPU gave no adapter: ${message(err)}` };
+  }
+  if (!adapter) return { adapter: null, note: "WebGPU gave no adapter (no usable GPU, or WebGPU is disabled)" };
+  const i = adapter.info ?? {};
+  const name = [i.vendor, i.architecture, i.description].filter(Boolean).join(" ") || "unnamed adapter";
+  return { adapter: name, note: "the model runs on the wasm CPU path; WebGPU kernels are not in this build" };
+}
+
+/// Yields to the worker's event loop (so a `stop` can arrive) without a timer's clamping.
+function yieldToEvents(): Promise<void> {
+  return new Promise((resolve) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = () => resolve();
+    ch.port2.postMessage(null);
+  });
+}
+
+async function chat(id: number, request: WorkerChatRequest): Promise<void> {
+  if (!engine) return post({ type: "error", id, error: "the engine is not loaded" });
+  let turn: BrowserChat | null = null;
+  try {
+    turn = engine.chat(JSON.stringify(request));
+    for (;;) {
+      if (stopped.has(id)) break;
+      const piece = turn.next();
+      if (piece === undefined) break;
+      post({ type: "token", id, text: piece });
+      await yieldToEvents();
+    }
+    post({ type: "done", id, stats: JSON.parse(turn.stats()) as TurnStats, stopped: stopped.has(id) });
+  } catch (err) {
+    post({ type: "error", id, error: message(err) });
+  } finally {
+    turn?.free();
+    stopped.delete(id);
+  }
+}
+
+/// The engine's blocking KV link (`globalThis.tandemKv`, imported by edge-wasm/src/browser.rs).
+function installKvLink(io: MessagePort): void {
+  const rings = new Map<number, RingReader>();
+  const text = new TextDecoder();
+  let next = 1;
+  const fail = (id: number, why: string): never => {
+    close(id);
+    throw new Error(why);
+  };
+  const close = (id: number) => {
+    rings.get(id)?.close();
+    rings.delete(id);
+    io.postMessage({ op: "close", id });
+  };
+  scope.tandemKv = {
+    open(url: string, timeoutMs: number): number {
+      if (!scope.crossOriginIsolated) {
+        throw new Error(
+          "the page is not cross-origin isolated, so the KV cannot stream into the engine's worker " +
+            "(serve it with Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp)",
+        );
+      }
+      const id = next++;
+      const sab = newRing();
+      const ring = new RingReader(sab);
+      rings.set(id, ring);
+      io.postMessage({ op: "open", id, url, sab });
+      let rec;
+      try {
+        rec = ring.read(timeoutMs);
+      } catch (err) {
+        return fail(id, `no connection to ${url} within ${timeoutMs} ms`);
+      }
+      if (rec.kind !== RecordKind.Open) return fail(id, text.decode(rec.payload));
+      return id;
+    },
+    send(id: number, bytes: Uint8Array): void {
+      if (!rings.has(id)) throw new Error("the KV link is closed");
+      // `bytes` views the engine's memory: copy before it moves.
+      io.postMessage({ op: "send", id, bytes: bytes.slice() });
+    },
+    receive(id: number, timeoutMs: number): Uint8Array {
+      const ring = rings.get(id);
+      if (!ring) throw new Error("the KV link is closed");
+      const rec = ring.read(timeoutMs);
+      if (rec.kind === RecordKind.Message) return rec.payload;
+      return fail(id, text.decode(rec.payload));
+    },
+    close,
+  };
+}
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

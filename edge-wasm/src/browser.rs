@@ -1,0 +1,239 @@
+//! The edge runtime for browsers (`wasm32-unknown-unknown`, wasm-bindgen): the engine the npm package runs in a
+//! Web Worker. The worker's JavaScript owns the network: it downloads the weights, and gives the engine a blocking
+//! KV link (`globalThis.tandemKv`) over a SharedArrayBuffer that a second worker fills from the WebSocket, so the
+//! context's layers arrive while this worker computes. Everything else is the same code as native.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tandem_common::codec::Codec;
+use tandem_common::engine::{Engine, GenerateOptions, default_device};
+use tandem_common::gguf::Gguf;
+use tandem_common::models;
+use tandem_common::sample::SamplingParams;
+use tandem_common::tokenizer::Message;
+use wasm_bindgen::prelude::*;
+use web_time::Instant;
+
+use crate::chat::{CloudContext, ContextSource, Turn, start_turn};
+use crate::incoming::{IncomingKv, MessageLink, fetch_over};
+use crate::protocol::{FetchError, FetchRequest};
+
+#[wasm_bindgen(js_namespace = tandemKv)]
+extern "C" {
+    /// Opens a WebSocket to `url` and waits for it to connect; gives the link's handle.
+    #[wasm_bindgen(catch, js_name = open)]
+    fn kv_open(url: &str, timeout_ms: u32) -> Result<u32, JsValue>;
+    #[wasm_bindgen(catch, js_name = send)]
+    fn kv_send(link: u32, message: &[u8]) -> Result<(), JsValue>;
+    /// The next binary message, waiting at most `timeout_ms`.
+    #[wasm_bindgen(catch, js_name = receive)]
+    fn kv_receive(link: u32, timeout_ms: u32) -> Result<Vec<u8>, JsValue>;
+    #[wasm_bindgen(js_name = close)]
+    fn kv_close(link: u32);
+}
+
+/// The pinned file of `model` as JSON `{file, size, sha256}`: what a download must match.
+#[wasm_bindgen]
+pub fn expected_weights(model: &str) -> Result<String, JsError> {
+    let m = models::lookup(model).map_err(|e| JsError::new(&e.to_string()))?;
+    Ok(serde_json::json!({ "file": m.file, "size": m.size, "sha256": m.sha256 }).to_string())
+}
+
+/// A loaded model. It lives as long as the worker (chats borrow it).
+#[wasm_bindgen]
+pub struct BrowserEngine {
+    engine: &'static Engine,
+    model: String,
+}
+
+#[wasm_bindgen]
+impl BrowserEngine {
+    /// Checks `weights` against the pinned size and sha256 of `model` and loads them.
+    pub fn load(model: String, weights: Vec<u8>) -> Result<BrowserEngine, JsError> {
+        models::check_weights(&model, &weights).map_err(|e| JsError::new(&e.to_string()))?;
+        let gguf = Gguf::parse(Arc::new(weights)).map_err(|e| JsError::new(&e.to_string()))?;
+        let engine =
+            Engine::load(&gguf, &default_device()).map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(BrowserEngine {
+            engine: Box::leak(Box::new(engine)),
+            model,
+        })
+    }
+
+    /// The model's name, weights fingerprint and shape, as JSON.
+    pub fn info(&self) -> String {
+        let c = self.engine.model.config();
+        serde_json::json!({
+            "model": self.model,
+            "weights": self.engine.model.fingerprint(),
+            "layers": c.n_layers,
+            "context_length": c.context_length,
+        })
+        .to_string()
+    }
+
+    /// Starts a chat turn. `request` is JSON: `{ messages: [{role, content}], context?: { cloud?: {url, model?,
+    /// context, codec?, bandwidth_bps?, auth?, timeout_ms?}, text? }, max_tokens?, temperature?, top_p?, seed? }`.
+    /// The context's KV is fetched and the prompt prefilled before this returns.
+    pub fn chat(&self, request: &str) -> Result<BrowserChat, JsError> {
+        let req: ChatRequest = serde_json::from_str(request)
+            .map_err(|e| JsError::new(&format!("bad chat request: {e}")))?;
+        let context = ContextSource {
+            cloud: req
+                .context
+                .cloud
+                .map(|c| c.into_cloud(&self.model))
+                .transpose()
+                .map_err(|e| JsError::new(&e))?,
+            text: req.context.text,
+        };
+        let opts = GenerateOptions {
+            max_tokens: req.max_tokens,
+            sampling: SamplingParams {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                seed: req.seed,
+            },
+            ..Default::default()
+        };
+        let turn = start_turn(
+            self.engine,
+            &context,
+            &req.messages,
+            &opts,
+            &connect_via_worker,
+        )
+        .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(BrowserChat(turn))
+    }
+}
+
+/// A turn generating: pull its text piece by piece.
+#[wasm_bindgen]
+pub struct BrowserChat(Turn<'static>);
+
+#[wasm_bindgen]
+impl BrowserChat {
+    /// The next piece of the answer, or `undefined` when it is complete.
+    pub fn next(&mut self) -> Result<Option<String>, JsError> {
+        let next = self
+            .0
+            .next_token()
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(next.map(|(_, text)| text))
+    }
+
+    /// What the turn did so far, as JSON (see `TurnStats::summary`).
+    pub fn stats(&self) -> String {
+        serde_json::to_string(&self.0.stats().summary()).expect("stats serialise")
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(default)]
+    context: ContextRequest,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: usize,
+    #[serde(default)]
+    temperature: f32,
+    #[serde(default = "one")]
+    top_p: f32,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_max_tokens() -> usize {
+    GenerateOptions::default().max_tokens
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+#[derive(Deserialize, Default)]
+struct ContextRequest {
+    cloud: Option<CloudRequest>,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CloudRequest {
+    url: String,
+    /// The model's name on the cloud; the engine's own by default.
+    model: Option<String>,
+    context: String,
+    codec: Option<String>,
+    bandwidth_bps: Option<u64>,
+    auth: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+impl CloudRequest {
+    fn into_cloud(self, engine_model: &str) -> Result<CloudContext, String> {
+        let codec = self
+            .codec
+            .map(|name| Codec::parse(&name).ok_or_else(|| format!("unknown codec {name:?}")))
+            .transpose()?;
+        Ok(CloudContext {
+            cloud_url: self.url,
+            model: self.model.unwrap_or_else(|| engine_model.to_string()),
+            context: self.context,
+            codec,
+            bandwidth_bps: self.bandwidth_bps,
+            auth: self.auth,
+            timeout: Duration::from_millis(self.timeout_ms),
+        })
+    }
+}
+
+/// The KV of a turn's context, over the worker's link.
+fn connect_via_worker(req: FetchRequest, started: Instant) -> Result<IncomingKv, FetchError> {
+    let url = req.cloud.kv_url();
+    let link = kv_open(&url, millis(req.cloud.timeout)).map_err(|e| FetchError::Unreachable {
+        url,
+        reason: js_error(e),
+    })?;
+    fetch_over(WorkerLink(link), req, started)
+}
+
+struct WorkerLink(u32);
+
+impl MessageLink for WorkerLink {
+    fn send(&mut self, message: Vec<u8>) -> Result<(), String> {
+        kv_send(self.0, &message).map_err(js_error)
+    }
+
+    fn receive(&mut self, timeout: Duration) -> Result<Vec<u8>, String> {
+        kv_receive(self.0, millis(timeout)).map_err(js_error)
+    }
+}
+
+impl Drop for WorkerLink {
+    fn drop(&mut self) {
+        kv_close(self.0);
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
+}
+
+/// A thrown JavaScript value as text (an `Error`'s message, or the value itself).
+fn js_error(e: JsValue) -> String {
+    if let Some(s) = e.as_string() {
+        return s;
+    }
+    js_sys::Reflect::get(&e, &JsValue::from_str("message"))
+        .ok()
+        .and_then(|m| m.as_string())
+        .unwrap_or_else(|| format!("{e:?}"))
+}

@@ -1,0 +1,107 @@
+// Drives Debian's Chromium (playwright-core) through the @tandem/edge package for tests/tests/browser.rs.
+//
+// Usage: node chat.mjs PLAN_JSON. The plan: { chromium, userDataDir, pageUrl, sessions: [{ webgpu, steps }] }; each
+// session launches the browser on the shared profile (so the Cache Storage persists between sessions), opens the
+// page and runs its steps in order. Prints one JSON line: per session, per step, what happened.
+//
+// Steps: { do: "load", cloudUrl, model } creates an engine (progress events counted); { do: "chat", request } streams
+// one answer (pieces and the final stats); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
+// cached weights with zeros of the same size; { do: "cache-keys" } lists the cached entries.
+
+import { chromium } from "playwright-core";
+
+const plan = JSON.parse(process.argv[2]);
+const FLAGS = [
+  "--no-sandbox",
+  "--disable-gpu-sandbox",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+  "--disable-quic",
+];
+
+async function step(page, s) {
+  switch (s.do) {
+    case "load":
+      return page.evaluate(async ({ cloudUrl, model }) => {
+        const progress = { download: 0, cache: 0, load: 0, maxLoaded: 0 };
+        try {
+          const engine = await window.tandem.createEngine({
+            cloudUrl,
+            model,
+            onProgress: (p) => {
+              progress[p.phase] += 1;
+              progress.maxLoaded = Math.max(progress.maxLoaded, p.loaded);
+            },
+          });
+          window.engine = engine;
+          return { ok: true, info: engine.stats(), progress };
+        } catch (e) {
+          return { ok: false, error: String(e.message ?? e), progress };
+        }
+      }, s);
+    case "chat":
+      return page.evaluate(async (request) => {
+        const pieces = [];
+        let stats = null;
+        try {
+          for await (const chunk of await window.engine.chat.completions.create({ ...request, stream: true })) {
+            const text = chunk.choices[0].delta.content;
+            if (text !== undefined) pieces.push(text);
+            if (chunk.tandem) stats = chunk.tandem;
+          }
+          return { ok: true, pieces, stats, engine: window.engine.stats() };
+        } catch (e) {
+          return { ok: false, error: String(e.message ?? e), pieces };
+        }
+      }, s.request);
+    case "reload":
+      await page.reload();
+      await page.waitForFunction(() => document.title === "ready");
+      return { ok: true };
+    case "poison-cache":
+      return page.evaluate(async () => {
+        const cache = await caches.open("tandem-weights-v1");
+        const keys = await cache.keys();
+        for (const k of keys) {
+          const size = (await (await cache.match(k)).arrayBuffer()).byteLength;
+          await cache.put(k, new Response(new Uint8Array(size)));
+        }
+        return { ok: true, poisoned: keys.length };
+      });
+    case "cache-keys":
+      return page.evaluate(async () => {
+        const cache = await caches.open("tandem-weights-v1");
+        return { ok: true, keys: (await cache.keys()).map((k) => k.url) };
+      });
+    default:
+      throw new Error(`unknown step ${s.do}`);
+  }
+}
+
+const report = [];
+for (const session of plan.sessions) {
+  const args = [...FLAGS, ...(session.webgpu ? ["--enable-unsafe-webgpu"] : [])];
+  const context = await chromium.launchPersistentContext(plan.userDataDir, {
+    executablePath: plan.chromium,
+    headless: true,
+    args,
+  });
+  const logs = [];
+  try {
+    const page = await context.newPage();
+    page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
+    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+    await page.goto(plan.pageUrl);
+    await page.waitForFunction(() => document.title === "ready", null, { timeout: 30_000 });
+    const steps = [];
+    for (const s of session.steps) steps.push({ do: s.do, ...(await step(page, s)) });
+    report.push({ steps, logs });
+  } catch (e) {
+    report.push({ error: String(e.stack ?? e), logs });
+  } finally {
+    await context.close();
+  }
+}
+console.log(JSON.stringify(report));

@@ -1,0 +1,193 @@
+//! The browser edge (`@tandem/edge`, edge-wasm/npm) in real headless Chromium, driven by playwright-core
+//! (tests/browser/chat.mjs): the engine runs in a Web Worker, loads SmolLM2 from the local cloud with progress,
+//! streams a context's KV over a real WebSocket and answers as native does; a reload reads the weights from the
+//! browser's cache; a dead cloud falls back to a local prefill; poisoned cached weights are refused by hash.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+use tandem_cloud::ServeOptions;
+use tandem_tests::cloud::TestCloud;
+use tandem_tests::parity::{assert_same_answer, native_steps};
+
+const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a small ARM box called Gull. It caches \
+the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
+const QUESTION: &str = "What does Gull cache?";
+const TOKENS: usize = 16;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Debian's Chromium (or `TANDEM_CHROMIUM`), the package built by `just npm`, and the driver installed by
+/// `just browser-deps`: all required, so a machine without them fails here rather than skipping the browser.
+fn prerequisites() -> (PathBuf, PathBuf, PathBuf) {
+    let chromium = std::env::var_os("TANDEM_CHROMIUM")
+        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    assert!(
+        chromium.exists(),
+        "{} is missing: install Debian's chromium (apt-get install chromium) or set TANDEM_CHROMIUM",
+        chromium.display()
+    );
+    let package = repo().join("edge-wasm/npm");
+    assert!(
+        package.join("dist/wasm/tandem_edge_bg.wasm").exists()
+            && package.join("dist/index.js").exists(),
+        "the npm package is not built: run `just npm`"
+    );
+    let driver = repo().join("tests/browser");
+    assert!(
+        driver.join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: run `just browser-deps`"
+    );
+    (chromium, package, driver)
+}
+
+fn run_plan(driver: &Path, plan: &Value) -> Vec<Value> {
+    let out = Command::new("node")
+        .arg(driver.join("chat.mjs"))
+        .arg(plan.to_string())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the browser driver failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Vec<Value> = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("driver output is not a report ({e}): {stdout}"));
+    for session in &report {
+        assert!(
+            session.get("error").is_none(),
+            "browser session failed: {session:#}"
+        );
+    }
+    report
+}
+
+fn pieces(step: &Value) -> Vec<String> {
+    step["pieces"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pieces: {step:#}"))
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
+    let (chromium, package, driver) = prerequisites();
+    let cloud = TestCloud::start(ServeOptions {
+        static_dir: Some(package),
+        ..Default::default()
+    });
+    let id = cloud.register(CONTEXT);
+    let native = native_steps("smollm2", CONTEXT, QUESTION, TOKENS);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let profile = std::env::temp_dir().join(format!("tandem-chromium-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&profile);
+    let question = json!([{ "role": "user", "content": QUESTION }]);
+    let plan = json!({
+        "chromium": chromium,
+        "userDataDir": profile,
+        "pageUrl": format!("{}/test/index.html", cloud.url()),
+        "sessions": [
+            { "webgpu": true, "steps": [
+                { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2" },
+                { "do": "chat", "request": { "messages": question, "max_tokens": TOKENS,
+                    "context": { "id": id, "codec": "lossless" } } },
+                { "do": "reload" },
+                // The cloud is gone: the weights come from the cache, the context's KV is computed here.
+                { "do": "load", "cloudUrl": dead, "model": "smollm2" },
+                { "do": "chat", "request": { "messages": question, "max_tokens": TOKENS,
+                    "context": { "id": id, "text": CONTEXT, "timeoutMs": 5000 } } },
+            ]},
+            { "webgpu": false, "steps": [
+                { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2" },
+                { "do": "poison-cache" },
+                { "do": "reload" },
+                { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2" },
+                { "do": "cache-keys" },
+            ]},
+        ],
+    });
+    let report = run_plan(&driver, &plan);
+    let _ = std::fs::remove_dir_all(&profile);
+    let steps = |s: usize| report[s]["steps"].as_array().unwrap().clone();
+    let (first, second) = (steps(0), steps(1));
+    eprintln!(
+        "browser: load {:#}\ncloud turn {:#}\noffline turn {:#}",
+        first[0]["info"], first[1]["stats"], first[4]["stats"]
+    );
+
+    // Loaded in a worker of a cross-origin isolated page, weights downloaded with progress; WebGPU's adapter seen.
+    let load = &first[0];
+    assert_eq!(load["ok"], true, "{load:#}");
+    let info = &load["info"];
+    assert_eq!(info["crossOriginIsolated"], true, "{info:#}");
+    assert_eq!(info["weightsCached"], false, "{info:#}");
+    assert_eq!(info["model"], "smollm2");
+    assert!(
+        load["progress"]["download"].as_u64().unwrap() > 10,
+        "{load:#}"
+    );
+    assert_eq!(load["progress"]["maxLoaded"], 98_362_432u64, "{load:#}");
+    assert!(
+        info["webgpu"]["adapter"].is_string(),
+        "Chromium with --enable-unsafe-webgpu offers an adapter: {info:#}"
+    );
+
+    // The context's KV streamed from the cloud; the answer is native's.
+    let chat = &first[1];
+    assert_eq!(chat["ok"], true, "{chat:#}");
+    let stats = &chat["stats"];
+    assert_eq!(stats["kv_source"], "cloud", "{stats:#}");
+    assert_eq!(stats["codec"], "lossless", "{stats:#}");
+    assert!(
+        stats["kv_bytes"].as_u64().unwrap() > 0 && stats["ttft_ms"].as_f64().unwrap() > 0.0,
+        "{stats:#}"
+    );
+    assert!(stats["context_tokens"].as_u64().unwrap() > 40, "{stats:#}");
+    assert_same_answer(&pieces(chat), &native, "browser edge");
+    assert_eq!(
+        chat["engine"]["last"], *stats,
+        "engine.stats() reports the last answer"
+    );
+
+    // After a reload, no second download; with the cloud gone, the same answer from a local prefill, and why.
+    let reload = &first[3];
+    assert_eq!(reload["ok"], true, "{reload:#}");
+    assert_eq!(reload["info"]["weightsCached"], true, "{reload:#}");
+    assert_eq!(reload["progress"]["download"], 0, "{reload:#}");
+    let offline = &first[4];
+    assert_eq!(offline["ok"], true, "{offline:#}");
+    assert_eq!(offline["stats"]["kv_source"], "local", "{offline:#}");
+    let reason = offline["stats"]["fallback_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("cannot reach"), "{reason}");
+    assert_same_answer(&pieces(offline), &native, "browser edge, local fallback");
+
+    // Without WebGPU the page is told why; the engine runs regardless.
+    let load = &second[0];
+    assert_eq!(load["ok"], true, "{load:#}");
+    assert!(load["info"]["webgpu"]["adapter"].is_null(), "{load:#}");
+    assert!(!load["info"]["webgpu"]["note"].as_str().unwrap().is_empty());
+
+    // Cached weights that no longer match the pinned hash are refused by name and dropped from the cache.
+    assert_eq!(second[1]["poisoned"], 1, "{:#}", second[1]);
+    let refused = &second[3];
+    assert_eq!(refused["ok"], false, "{refused:#}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("smollm2") && error.contains("sha256"),
+        "{error}"
+    );
+    assert_eq!(second[4]["keys"], json!([]), "{:#}", second[4]);
+}
