@@ -2,12 +2,14 @@
 //
 // Usage: node chat.mjs PLAN_JSON. The plan: { chromium, userDataDir, pageUrl, sessions: [{ webgpu, steps }] }; each
 // session launches the browser on the shared profile (so the Cache Storage persists between sessions), opens the
-// page and runs its steps in order. Prints one JSON line: per session, per step, what happened.
+// page and runs its steps in order. Prints one JSON line: per session, per step, what happened, and the browser's
+// peak memory (the proportional set size of all its processes, sampled every 100 ms).
 //
 // Steps: { do: "load", cloudUrl, model } creates an engine (progress events counted); { do: "chat", request } streams
 // one answer (pieces and the final stats); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
 // cached weights with zeros of the same size; { do: "cache-keys" } lists the cached entries.
 
+import { readFileSync, readdirSync } from "node:fs";
 import { chromium } from "playwright-core";
 
 const plan = JSON.parse(process.argv[2]);
@@ -27,6 +29,7 @@ async function step(page, s) {
       return page.evaluate(async ({ cloudUrl, model }) => {
         const progress = { download: 0, cache: 0, load: 0, maxLoaded: 0 };
         try {
+          window.engine?.terminate();
           const engine = await window.tandem.createEngine({
             cloudUrl,
             model,
@@ -80,6 +83,22 @@ async function step(page, s) {
   }
 }
 
+/// The summed PSS of the processes started with this profile, in bytes.
+function browserPss(profile) {
+  let total = 0;
+  for (const pid of readdirSync("/proc")) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      if (!readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(profile)) continue;
+      const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"));
+      if (m) total += Number(m[1]) * 1024;
+    } catch {
+      // The process ended between the listing and the read.
+    }
+  }
+  return total;
+}
+
 const report = [];
 for (const session of plan.sessions) {
   const args = [...FLAGS, ...(session.webgpu ? ["--enable-unsafe-webgpu"] : [])];
@@ -89,6 +108,8 @@ for (const session of plan.sessions) {
     args,
   });
   const logs = [];
+  let peakPss = 0;
+  const sampler = setInterval(() => (peakPss = Math.max(peakPss, browserPss(plan.userDataDir))), 100);
   try {
     const page = await context.newPage();
     page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
@@ -97,10 +118,11 @@ for (const session of plan.sessions) {
     await page.waitForFunction(() => document.title === "ready", null, { timeout: 30_000 });
     const steps = [];
     for (const s of session.steps) steps.push({ do: s.do, ...(await step(page, s)) });
-    report.push({ steps, logs });
+    report.push({ steps, logs, peakPss });
   } catch (e) {
     report.push({ error: String(e.stack ?? e), logs });
   } finally {
+    clearInterval(sampler);
     await context.close();
   }
 }

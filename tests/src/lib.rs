@@ -8,6 +8,7 @@ use tandem_common::engine::{Engine, default_device};
 use tandem_common::gguf::Gguf;
 use tandem_common::models;
 
+pub mod browser;
 pub mod cloud;
 pub mod gguf_writer;
 pub mod http;

@@ -3,11 +3,9 @@
 //! streams a context's KV over a real WebSocket and answers as native does; a reload reads the weights from the
 //! browser's cache; a dead cloud falls back to a local prefill; poisoned cached weights are refused by hash.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use serde_json::{Value, json};
 use tandem_cloud::ServeOptions;
+use tandem_tests::browser::{Browser, run_plan};
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::parity::{assert_same_answer, native_steps};
 
@@ -15,58 +13,6 @@ const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a 
 the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
 const QUESTION: &str = "What does Gull cache?";
 const TOKENS: usize = 16;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Debian's Chromium (or `TANDEM_CHROMIUM`), the package built by `just npm`, and the driver installed by
-/// `just browser-deps`: all required, so a machine without them fails here rather than skipping the browser.
-fn prerequisites() -> (PathBuf, PathBuf, PathBuf) {
-    let chromium = std::env::var_os("TANDEM_CHROMIUM")
-        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
-    assert!(
-        chromium.exists(),
-        "{} is missing: install Debian's chromium (apt-get install chromium) or set TANDEM_CHROMIUM",
-        chromium.display()
-    );
-    let package = repo().join("edge-wasm/npm");
-    assert!(
-        package.join("dist/wasm/tandem_edge_bg.wasm").exists()
-            && package.join("dist/index.js").exists(),
-        "the npm package is not built: run `just npm`"
-    );
-    let driver = repo().join("tests/browser");
-    assert!(
-        driver.join("node_modules/playwright-core").exists(),
-        "playwright-core is missing: run `just browser-deps`"
-    );
-    (chromium, package, driver)
-}
-
-fn run_plan(driver: &Path, plan: &Value) -> Vec<Value> {
-    let out = Command::new("node")
-        .arg(driver.join("chat.mjs"))
-        .arg(plan.to_string())
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the browser driver failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Vec<Value> = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("driver output is not a report ({e}): {stdout}"));
-    for session in &report {
-        assert!(
-            session.get("error").is_none(),
-            "browser session failed: {session:#}"
-        );
-    }
-    report
-}
 
 fn pieces(step: &Value) -> Vec<String> {
     step["pieces"]
@@ -79,9 +25,9 @@ fn pieces(step: &Value) -> Vec<String> {
 
 #[test]
 fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
-    let (chromium, package, driver) = prerequisites();
+    let browser = Browser::find();
     let cloud = TestCloud::start(ServeOptions {
-        static_dir: Some(package),
+        static_dir: Some(browser.package.clone()),
         ..Default::default()
     });
     let id = cloud.register(CONTEXT);
@@ -90,12 +36,8 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let profile = std::env::temp_dir().join(format!("tandem-chromium-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
     let question = json!([{ "role": "user", "content": QUESTION }]);
     let plan = json!({
-        "chromium": chromium,
-        "userDataDir": profile,
         "pageUrl": format!("{}/test/index.html", cloud.url()),
         "sessions": [
             { "webgpu": true, "steps": [
@@ -117,8 +59,7 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
             ]},
         ],
     });
-    let report = run_plan(&driver, &plan);
-    let _ = std::fs::remove_dir_all(&profile);
+    let report = run_plan(&browser, plan);
     let steps = |s: usize| report[s]["steps"].as_array().unwrap().clone();
     let (first, second) = (steps(0), steps(1));
     eprintln!(

@@ -1,6 +1,7 @@
-//! `just bench-wasm`: decode speed of the edge runtime compiled to WebAssembly (the wasm32-wasip2 component under
-//! wasmtime, one thread: WASI preview 2 has no threads) against native tandem and llama.cpp, both on one thread,
-//! measured side by side in one run; and the component's size raw, gzipped and brotli'd.
+//! `just bench-wasm`: decode speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2 component under
+//! wasmtime and the browser build (`@tandem/edge`) in headless Chromium, each on one thread — against native tandem
+//! and llama.cpp, both on one thread, measured side by side in one run; the browser's peak memory; and the sizes
+//! of both .wasm files raw, gzipped and brotli'd.
 //!
 //! All three answer the same chat prompt; tandem's turns stop at the end of the answer (at most 64 tokens),
 //! llama.cpp decodes 64 tokens.
@@ -8,10 +9,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use serde_json::json;
+use tandem_cloud::ServeOptions;
 use tandem_common::engine::GenerateOptions;
 use tandem_common::tokenizer::Message;
 use tandem_edge::chat::{ContextSource, chat_turn};
 use tandem_gateway::host::{self, Runtime, Weights};
+use tandem_tests::browser::{Browser, run_plan};
+use tandem_tests::cloud::TestCloud;
 use tandem_tests::engine;
 use tandem_tests::llamacpp::measure_llamacpp;
 
@@ -71,6 +76,57 @@ fn native_decode(model: &str) -> (f64, Vec<u32>) {
     (best, ids)
 }
 
+/// Best decode rate in headless Chromium over `REPEATS` turns (the engine in its worker, wasm CPU path), and the
+/// browser's peak memory (PSS of all its processes), per model.
+fn browser_decode(models: &[&str]) -> Vec<(f64, f64)> {
+    let browser = Browser::find();
+    let cloud = TestCloud::start(ServeOptions {
+        models: models.iter().map(|m| m.to_string()).collect(),
+        static_dir: Some(browser.package.clone()),
+        ..Default::default()
+    });
+    let chat = json!({ "do": "chat", "request": {
+        "messages": [{ "role": "user", "content": question() }], "max_tokens": DECODE_TOKENS } });
+    let sessions: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let mut steps = vec![json!({ "do": "load", "cloudUrl": cloud.url(), "model": m })];
+            steps.extend(std::iter::repeat_n(chat.clone(), REPEATS));
+            json!({ "webgpu": false, "steps": steps })
+        })
+        .collect();
+    let plan =
+        json!({ "pageUrl": format!("{}/test/index.html", cloud.url()), "sessions": sessions });
+    run_plan(&browser, plan)
+        .iter()
+        .map(|session| {
+            let steps = session["steps"].as_array().expect("steps");
+            let best = steps[1..]
+                .iter()
+                .map(|s| {
+                    assert_eq!(s["ok"], true, "browser turn: {s:#}");
+                    s["stats"]["decode_tokens_per_second"]
+                        .as_f64()
+                        .expect("tok/s")
+                })
+                .fold(0.0, f64::max);
+            (best, session["peakPss"].as_f64().unwrap_or(0.0))
+        })
+        .collect()
+}
+
+fn print_size(what: &str, path: &std::path::Path) {
+    let wasm = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (gz, br) = compressed_sizes(&wasm);
+    println!(
+        "{what} {}: {:.1} MB raw, {:.1} MB gzip, {:.1} MB brotli",
+        path.display(),
+        wasm.len() as f64 / 1e6,
+        gz as f64 / 1e6,
+        br as f64 / 1e6
+    );
+}
+
 fn compressed_sizes(bytes: &[u8]) -> (usize, usize) {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(bytes).expect("gzip");
@@ -96,37 +152,47 @@ fn main() {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     let path = tandem_gateway::default_component(&target);
-    let wasm = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run `just component`)", path.display()));
-    let (gz, br) = compressed_sizes(&wasm);
-    println!(
-        "edge component {}: {:.1} MB raw, {:.1} MB gzip, {:.1} MB brotli",
-        path.display(),
-        wasm.len() as f64 / 1e6,
-        gz as f64 / 1e6,
-        br as f64 / 1e6
+    print_size("edge component", &path);
+    let browser = Browser::find();
+    print_size(
+        "browser engine",
+        &browser.package.join("dist/wasm/tandem_edge_bg.wasm"),
     );
     let rt = Runtime::load(&path).expect("component compiles");
-    println!("decode tok/s on 1 thread, best of {REPEATS} (wasm: wasmtime, simd128)");
+    let models = ["smollm2", "qwen-0.5b"];
+    let chromium = browser_decode(&models);
     println!(
-        "{:<10} {:>8} {:>8} {:>10} {:>11} {:>12}",
-        "model", "wasm", "native", "llama.cpp", "wasm/native", "wasm/llama"
+        "decode tok/s on 1 thread, best of {REPEATS} (wasm: simd128; wasmtime adds relaxed SIMD)"
     );
-    for model in ["smollm2", "qwen-0.5b"] {
+    println!(
+        "{:<10} {:>9} {:>9} {:>8} {:>10} {:>15} {:>15} {:>13}",
+        "model",
+        "wasmtime",
+        "chromium",
+        "native",
+        "llama.cpp",
+        "wasmtime/llama",
+        "chromium/llama",
+        "browser peak"
+    );
+    for (model, (c, peak)) in models.into_iter().zip(chromium) {
         let w = component_decode(&rt, model);
         let (n, ids) = native_decode(model);
         let l = python
             .as_deref()
             .map(|py| measure_llamacpp(py, model, 1, &ids, DECODE_TOKENS, REPEATS).decode_tok_s);
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let ratio = |x: f64| l.map_or("-".to_string(), |l| format!("{:.2}x", x / l));
         println!(
-            "{:<10} {:>8.1} {:>8.1} {:>10} {:>10.2}x {:>11}",
+            "{:<10} {:>9.1} {:>9.1} {:>8.1} {:>10} {:>15} {:>15} {:>10.0} MB",
             model,
             w,
+            c,
             n,
             fmt(l),
-            w / n,
-            l.map_or("-".to_string(), |l| format!("{:.2}x", w / l))
+            ratio(w),
+            ratio(c),
+            peak / 1e6
         );
     }
     if python.is_none() {
