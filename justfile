@@ -22,9 +22,15 @@ models-list:
 build:
     cargo build --release --workspace
 
-# The main job: fetch the small model and generate a chat reply with it on this machine.
-demo prompt="Write a haiku about sharing work between a cloud and a small device.": (models "smollm2") build
-    {{tandem}} generate --model smollm2 --prompt "{{prompt}}" --max-tokens 96
+# The main job: the chat page. Fetches the small model, builds the browser engine and the page, and serves them from
+# a cloud holding a demo context (this project's ARCHITECTURE.md); open the printed URL.
+demo addr="127.0.0.1:8080": (models "smollm2") build web
+    {{tandem}} serve --addr {{addr}} --static-dir web/dist --context-file ARCHITECTURE.md
+
+# The chat page in web/dist: its TypeScript compiled, the npm package beside it (imported through an import map).
+web: npm
+    cd web && npm ci --no-audit --no-fund --loglevel=error && npx tsc -p .
+    rm -rf web/dist/pkg && cp -r edge-wasm/npm/dist web/dist/pkg && cp web/index.html web/style.css web/dist/
 
 # Generate with any model: `just generate qwen-0.5b "your prompt"`.
 generate model prompt *args: build
@@ -41,6 +47,7 @@ chat context prompt cloud="http://127.0.0.1:8080" *args: build
 
 # The edge runtime as a WebAssembly component (wasm32-wasip2) for wasmtime hosts: `wit/tandem.wit`'s `edge` world.
 component:
+    rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
     cargo rustc --release --target wasm32-wasip2 -p tandem-edge --crate-type cdylib
 
 # Chat through the edge component under wasmtime: `just gateway-chat ID "question"` (a cloud must be running).
@@ -59,6 +66,7 @@ npm:
     #!/usr/bin/env bash
     set -euo pipefail
     version=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+    rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
     bindgen="{{tools}}/bin/wasm-bindgen"
     if ! "$bindgen" --version 2>/dev/null | grep -qx "wasm-bindgen $version"; then
       # Not --locked: its lock file pins a webpki-roots release that crates.io no longer offers.
@@ -80,8 +88,8 @@ test-wasm:
     cargo build --release -p tandem-gateway
     CARGO_TARGET_WASM32_WASIP2_RUNNER="{{CARGO_TARGET_DIR}}/release/tandem-gateway run" cargo test --release --target wasm32-wasip2 -p tandem-common --lib
 
-# All tests (fetches the two models the tests use first, builds the edge component and the npm package).
-test: (models "smollm2" "qwen-0.5b") component npm browser-deps test-wasm
+# All tests (fetches the two models the tests use first, builds the edge component, the npm package and the page).
+test: (models "smollm2" "qwen-0.5b") component web browser-deps test-wasm
     cargo test --release --workspace
 
 llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")

@@ -52,7 +52,7 @@ pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
         auth_token: args.token,
         store_bytes: args.store_mib << 20,
         spill_dir: args.spill_dir,
-        static_dir: args.static_dir,
+        static_dir: args.static_dir.clone(),
         quality_floor: args.quality_floor,
         upstream: args.upstream.map(|url| upstream::Upstream {
             url,
@@ -76,7 +76,11 @@ pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.addr)
             .await
             .with_context(|| format!("binding {}", args.addr))?;
-        println!("{what} listening on http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        println!("{what} listening on http://{addr}");
+        if args.static_dir.is_some() {
+            println!("open http://{addr}/ in a browser");
+        }
         serve(app, listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })

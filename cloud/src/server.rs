@@ -148,6 +148,9 @@ pub struct ContextInfo {
     pub tokens: usize,
     pub layers: usize,
     pub prefill_ms: u64,
+    /// The text's first line, shortened: for pickers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
     /// Bytes on the wire per codec (only in `GET /v1/contexts/{id}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sizes: Vec<(Codec, usize)>,
@@ -161,8 +164,23 @@ fn info(c: &StoredContext, sizes: Vec<(Codec, usize)>) -> ContextInfo {
         tokens: c.record.kv.len(),
         layers: c.record.kv.layers.len(),
         prefill_ms: c.record.prefill_ms,
+        title: c.record.text.as_deref().map(title),
         sizes,
     }
+}
+
+/// The first non-empty line of `text`, at most 80 characters.
+fn title(text: &str) -> String {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let mut t: String = line.chars().take(80).collect();
+    if t.len() < line.len() {
+        t.push('…');
+    }
+    t
 }
 
 /// Registers a shared context of `model` (the default when `None`): tokenizes and prefills it once, stores it, and
@@ -212,6 +230,7 @@ pub async fn register_context(
         rope: RopeParams::of(served.engine.model.config()),
         kv,
         prefill_ms,
+        text: Some(text.to_string()),
     }));
     app.store.put(ctx.clone());
     tracing::info!(id = %ctx.record.id, tokens = n, prefill_ms, "context registered");
@@ -302,6 +321,29 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_app(app.clone()))
         .and_then(|id, app| context_status(app, id));
+    let context_text = warp::path!("v1" / "contexts" / String / "text")
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .map(
+            |id: String, app: Arc<App>| match app.context(&id).map(|c| c.record.text.clone()) {
+                Some(Some(text)) => {
+                    warp::reply::with_header(text, "content-type", "text/plain; charset=utf-8")
+                        .into_response()
+                }
+                Some(None) => error(
+                    StatusCode::NOT_FOUND,
+                    "context_text_unknown",
+                    format!("context {id:?} came from an upstream cloud without its text"),
+                )
+                .into_response(),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "context_not_found",
+                    format!("no context {id:?}"),
+                )
+                .into_response(),
+            },
+        );
     let kv = warp::path!("v1" / "kv")
         .and(warp::ws())
         .and(with_app(app.clone()))
@@ -348,8 +390,11 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
         weights = file.or(weights).unify().boxed();
     }
     let statics = match &app.static_dir {
+        // Revalidated on every load, so a rebuilt page is never mixed with a stale cached module.
         Some(dir) => warp::fs::dir(dir.clone())
-            .map(|f: warp::fs::File| f.into_response())
+            .map(|f: warp::fs::File| {
+                warp::reply::with_header(f, "cache-control", "no-cache").into_response()
+            })
             .boxed(),
         None => warp::any()
             .and_then(|| async { Err::<Response, _>(warp::reject::not_found()) })
@@ -366,6 +411,8 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
                 .or(list_contexts)
                 .unify()
                 .or(get_context)
+                .unify()
+                .or(context_text)
                 .unify()
                 .or(kv)
                 .unify()

@@ -33,6 +33,8 @@ pub struct ContextRecord {
     pub rope: RopeParams,
     /// How long the cloud's prefill took, milliseconds.
     pub prefill_ms: u64,
+    /// The context's text, for edges that compute it themselves (unknown for contexts pulled from an upstream).
+    pub text: Option<String>,
 }
 
 /// Encoded layers by codec and layer.
@@ -250,6 +252,7 @@ mod tests {
         Arc::new(StoredContext::new(ContextRecord {
             id: id.into(),
             model: "m".into(),
+            text: None,
             kv: KvState {
                 model: "fp".into(),
                 first_layer: 0,

@@ -62,6 +62,7 @@ impl App {
                     kv,
                     rope: RopeParams::of(engine.model.config()),
                     prefill_ms: 0,
+                    text: None,
                 })
             })
         })

@@ -11,7 +11,7 @@ use tandem_common::model::Session;
 use tandem_common::tokenizer::Message;
 use web_time::Instant;
 
-use crate::incoming::{Connect, FetchStats};
+use crate::incoming::{Connect, FetchStats, LayerTiming};
 pub use crate::protocol::CloudContext;
 
 /// The context of a turn: from a cloud, with its text for a local fallback (optional when the cloud is trusted to
@@ -45,6 +45,10 @@ pub struct TurnStats {
     pub kv_bytes: usize,
     /// When the last context layer arrived, from the start of the turn.
     pub kv_done_after: Duration,
+    /// Per context layer from the cloud: when the prompt's prefill needed it and when it had it.
+    pub kv_timeline: Vec<LayerTiming>,
+    /// What the context's KV would be as f16, all layers: the baseline for `kv_bytes`.
+    pub kv_fp16_bytes: usize,
     /// Time to first token, from the start of the turn (connection and loading included).
     pub ttft: Duration,
 }
@@ -63,6 +67,8 @@ pub struct StatsSummary {
     pub ttft_ms: f64,
     /// When the context's last layer arrived, from the start of the turn.
     pub kv_done_ms: f64,
+    pub kv_timeline: Vec<LayerTiming>,
+    pub kv_fp16_bytes: u64,
     pub decode_tokens_per_second: f64,
 }
 
@@ -83,6 +89,8 @@ impl TurnStats {
             kv_bytes: self.kv_bytes as u64,
             ttft_ms: self.ttft.as_secs_f64() * 1e3,
             kv_done_ms: self.kv_done_after.as_secs_f64() * 1e3,
+            kv_timeline: self.kv_timeline.clone(),
+            kv_fp16_bytes: self.kv_fp16_bytes as u64,
             decode_tokens_per_second: self.generate.decode_tokens_per_s(),
         }
     }
@@ -103,8 +111,8 @@ pub struct Turn<'e> {
     generation: Generation<'e, Session<'e>>,
     source: KvSource,
     context_tokens: usize,
-    kv_bytes: usize,
-    kv_done_after: Duration,
+    fetch: FetchStats,
+    kv_fp16_bytes: usize,
 }
 
 impl Turn<'_> {
@@ -121,8 +129,10 @@ impl Turn<'_> {
             generate,
             source: self.source.clone(),
             context_tokens: self.context_tokens,
-            kv_bytes: self.kv_bytes,
-            kv_done_after: self.kv_done_after,
+            kv_bytes: self.fetch.kv_bytes,
+            kv_done_after: self.fetch.done_after,
+            kv_timeline: self.fetch.timeline.clone(),
+            kv_fp16_bytes: self.kv_fp16_bytes,
         }
     }
 
@@ -170,13 +180,8 @@ pub fn start_turn<'e>(
         .cloud
         .as_ref()
         .map(|c| cloud_prefill(engine, &mut session, c, &prompt, connect, t0));
-    let (logits, source, kv_bytes, kv_done_after) = match cloud {
-        Some(Ok((logits, codec, fetch))) => (
-            logits,
-            KvSource::Cloud { codec },
-            fetch.kv_bytes,
-            fetch.done_after,
-        ),
+    let (logits, source, fetch) = match cloud {
+        Some(Ok((logits, codec, fetch))) => (logits, KvSource::Cloud { codec }, fetch),
         failed => {
             let (reason, header_tokens) = match failed {
                 Some(Err(failure)) => failure,
@@ -205,16 +210,18 @@ pub fn start_turn<'e>(
                 KvSource::Local { reason }
             };
             let logits = session.prefill(&prompt).map_err(EngineError::from)?;
-            (logits, source, 0, Duration::ZERO)
+            (logits, source, FetchStats::default())
         }
     };
     let context_tokens = session.len() - prompt.len();
+    let c = engine.model.config();
+    let kv_fp16_bytes = c.n_layers * 2 * c.n_kv_heads * context_tokens * c.head_dim * 2;
     Ok(Turn {
         generation: Generation::new(engine, session, logits, prompt.len(), t0, opts.clone()),
         source,
         context_tokens,
-        kv_bytes,
-        kv_done_after,
+        fetch,
+        kv_fp16_bytes,
     })
 }
 

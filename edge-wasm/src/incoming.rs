@@ -39,6 +39,19 @@ pub struct FetchStats {
     pub kv_bytes: usize,
     /// Layers received.
     pub layers: usize,
+    /// Per layer, in order: when the computation asked for it and when it had it.
+    pub timeline: Vec<LayerTiming>,
+}
+
+/// When one context layer was needed and when it was there, from the start of the fetch: where `ready` is later
+/// than `asked`, the computation waited for the network; where they meet, the layer had arrived in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct LayerTiming {
+    pub layer: usize,
+    pub asked_ms: f64,
+    pub ready_ms: f64,
+    /// Its payload's size on the wire.
+    pub wire_bytes: usize,
 }
 
 /// How an edge opens a fetch: a transport (a background WebSocket natively, a host's link in a component).
@@ -60,6 +73,7 @@ impl IncomingKv {
 
     /// Waits for layer `l` (layers arrive in order); `started` is when the fetch began.
     pub fn layer(&mut self, l: usize, started: Instant) -> Result<LayerKv, String> {
+        let asked = started.elapsed();
         let got = (self.next)()?;
         if got.layer != l {
             return Err(format!(
@@ -70,6 +84,12 @@ impl IncomingKv {
         self.stats.kv_bytes += got.wire_bytes;
         self.stats.layers += 1;
         self.stats.done_after = started.elapsed();
+        self.stats.timeline.push(LayerTiming {
+            layer: l,
+            asked_ms: asked.as_secs_f64() * 1e3,
+            ready_ms: self.stats.done_after.as_secs_f64() * 1e3,
+            wire_bytes: got.wire_bytes,
+        });
         Ok(got.kv)
     }
 }

@@ -9,20 +9,9 @@
 // one answer (pieces and the final stats); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
 // cached weights with zeros of the same size; { do: "cache-keys" } lists the cached entries.
 
-import { readFileSync, readdirSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { browserPss, launch } from "./launch.mjs";
 
 const plan = JSON.parse(process.argv[2]);
-const FLAGS = [
-  "--no-sandbox",
-  "--disable-gpu-sandbox",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--no-first-run",
-  "--disable-quic",
-];
-
 async function step(page, s) {
   switch (s.do) {
     case "load":
@@ -83,30 +72,9 @@ async function step(page, s) {
   }
 }
 
-/// The summed PSS of the processes started with this profile, in bytes.
-function browserPss(profile) {
-  let total = 0;
-  for (const pid of readdirSync("/proc")) {
-    if (!/^\d+$/.test(pid)) continue;
-    try {
-      if (!readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(profile)) continue;
-      const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"));
-      if (m) total += Number(m[1]) * 1024;
-    } catch {
-      // The process ended between the listing and the read.
-    }
-  }
-  return total;
-}
-
 const report = [];
 for (const session of plan.sessions) {
-  const args = [...FLAGS, ...(session.webgpu ? ["--enable-unsafe-webgpu"] : [])];
-  const context = await chromium.launchPersistentContext(plan.userDataDir, {
-    executablePath: plan.chromium,
-    headless: true,
-    args,
-  });
+  const context = await launch(plan.chromium, plan.userDataDir, { webgpu: session.webgpu });
   const logs = [];
   let peakPss = 0;
   const sampler = setInterval(() => (peakPss = Math.max(peakPss, browserPss(plan.userDataDir))), 100);

@@ -36,9 +36,21 @@ export interface TurnStats {
   generated_tokens: number;
   /// KV payload bytes received.
   kv_bytes: number;
+  /// What the context's KV would be as f16: the baseline `kv_bytes` compares with.
+  kv_fp16_bytes: number;
   ttft_ms: number;
   kv_done_ms: number;
+  /// Per context layer from the cloud, from the start of the turn: when the prefill needed it and when it had it
+  /// (`ready_ms > asked_ms`: the computation waited for the network).
+  kv_timeline: LayerTiming[];
   decode_tokens_per_second: number;
+}
+
+export interface LayerTiming {
+  layer: number;
+  asked_ms: number;
+  ready_ms: number;
+  wire_bytes: number;
 }
 
 export interface ChatMessage {

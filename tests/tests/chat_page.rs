@@ -1,0 +1,172 @@
+//! The chat page (web/) in headless Chromium, used like a user would (tests/browser/page.mjs): served by a real
+//! cloud, model downloaded once and then read from the browser's cache, a shared context picked, a question typed,
+//! the answer streamed, the live panel filled; and, with the cloud killed as the question is sent, the answer
+//! finished locally with the page saying so.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+use tandem_cloud::ServeOptions;
+use tandem_tests::browser::Browser;
+use tandem_tests::cloud::TestCloud;
+
+const QUESTION: &str = "What does the gateway cache?";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from)
+}
+
+/// The built page (`just web`).
+fn page_dir() -> PathBuf {
+    let dir = repo().join("web/dist");
+    assert!(
+        dir.join("index.html").exists() && dir.join("pkg/index.js").exists(),
+        "the chat page is not built: run `just web`"
+    );
+    dir
+}
+
+/// A shared context of a few hundred tokens: the start of the README.
+fn context_text() -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    readme.chars().take(2400).collect()
+}
+
+/// Runs tests/browser/page.mjs with `plan` on a fresh profile.
+fn drive(browser: &Browser, mut plan: Value, name: &str) -> Value {
+    let profile = std::env::temp_dir().join(format!("tandem-page-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&profile);
+    plan["chromium"] = browser.chromium.to_string_lossy().into();
+    plan["userDataDir"] = profile.to_string_lossy().into();
+    plan["question"] = QUESTION.into();
+    let out = Command::new("node")
+        .arg(repo().join("tests/browser/page.mjs"))
+        .arg(plan.to_string())
+        .output()
+        .expect("node runs");
+    let _ = std::fs::remove_dir_all(&profile);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "page driver: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("page driver output ({e}): {stdout}"));
+    assert!(
+        report.get("error").is_none(),
+        "the page test failed: {report:#}"
+    );
+    report
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} missing: {v:#}"))
+}
+
+#[test]
+fn chat_page_streams_an_answer_with_cloud_kv_and_keeps_the_model_cached() {
+    let browser = Browser::find();
+    let cloud = TestCloud::start(ServeOptions {
+        static_dir: Some(page_dir()),
+        ..Default::default()
+    });
+    cloud.register(&context_text());
+    let artifacts = target_dir().join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("chat-page.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let r = drive(
+        &browser,
+        json!({ "url": format!("{}/?max_tokens=32", cloud.url()), "screenshot": screenshot, "reload": true }),
+        "cloud",
+    );
+    eprintln!("chat page: {:#}", r["panel"]);
+
+    assert!(text(&r, "modelStatus").contains("downloaded"), "{r:#}");
+    assert_eq!(r["sawStreaming"], true, "{r:#}");
+    assert!(!text(&r, "answer").trim().is_empty(), "{r:#}");
+    let panel = &r["panel"];
+    assert!(
+        text(panel, "source").starts_with("cloud, codec"),
+        "{panel:#}"
+    );
+    let ttft: f64 = text(panel, "ttft").trim_end_matches(" ms").parse().unwrap();
+    assert!(ttft > 0.0, "{panel:#}");
+    assert!(
+        !text(panel, "kv_bytes").starts_with("0 B") && text(panel, "kv_bytes").contains("f16"),
+        "{panel:#}"
+    );
+    assert!(
+        r["timelineBars"].as_u64().unwrap() >= 30,
+        "a bar per layer: {r:#}"
+    );
+    assert!(text(panel, "backend").starts_with("wasm-cpu"), "{panel:#}");
+    // The conversation is kept in the browser, and the model is not downloaded again.
+    assert_eq!(r["history"], 1, "{r:#}");
+    assert_eq!(r["historyAfterReload"], 1, "{r:#}");
+    assert!(text(&r, "reloadedStatus").contains("cache"), "{r:#}");
+    assert!(
+        std::fs::metadata(&screenshot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "screenshot saved"
+    );
+}
+
+/// A cloud process killed as the question is sent: the page still answers, from a local prefill of the context,
+/// and says that it fell back.
+#[test]
+fn chat_page_finishes_locally_when_the_cloud_dies() {
+    let browser = Browser::find();
+    let dir = page_dir();
+    let context =
+        std::env::temp_dir().join(format!("tandem-page-context-{}.md", std::process::id()));
+    std::fs::write(&context, context_text()).unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cloud = Command::new(target_dir().join("release/tandem"))
+        .args(["serve", "--addr", &addr.to_string(), "--static-dir"])
+        .arg(&dir)
+        .arg("--context-file")
+        .arg(&context)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tandem serve starts (cargo builds it with the workspace)");
+    let mut lines = BufReader::new(cloud.stdout.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("listening on"));
+    assert!(listening, "the cloud did not start");
+
+    let r = drive(
+        &browser,
+        json!({ "url": format!("http://{addr}/?max_tokens=24"), "codec": "lossless", "killPid": cloud.id() }),
+        "killed",
+    );
+    let _ = cloud.wait();
+    let _ = std::fs::remove_file(&context);
+    eprintln!("after the kill: {:#} / {:?}", r["panel"], r["notice"]);
+    assert!(!text(&r, "answer").trim().is_empty(), "{r:#}");
+    assert!(
+        text(&r["panel"], "source").starts_with("computed here"),
+        "{r:#}"
+    );
+    assert!(
+        text(&r, "notice").contains("computed here"),
+        "the page says it fell back: {r:#}"
+    );
+}
