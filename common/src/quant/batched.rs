@@ -13,6 +13,17 @@ use super::{GgmlType, f16_at};
 /// Tokens dotted together against one unpacked row.
 pub(super) const TILE: usize = 4;
 
+/// The activation rows of `tokens` (at most [`TILE`]); missing tokens of a short tile repeat the first, and their
+/// results are dropped.
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "wasm32", target_feature = "simd128")
+))]
+fn tile_rows<'a>(act: &'a Q8Act, tokens: &std::ops::Range<usize>) -> [ActRow<'a>; TILE] {
+    let n = tokens.len();
+    std::array::from_fn(|i| act.row(tokens.start + if i < n { i } else { 0 }))
+}
+
 /// A weight row in the common form.
 pub(super) struct UnpackedRow {
     q: Vec<i8>,
@@ -120,11 +131,39 @@ impl UnpackedRow {
             // SAFETY: AVX2 and FMA are present (checked above); all reads are within the row and the activations.
             return unsafe { self.dot_tile_avx2(act, tokens) };
         }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        {
+            let rows = tile_rows(act, &tokens);
+            let mut out = super::wasm::dot_tile_unpacked(&self.q, &self.scale, &rows);
+            let mins = self.mins(&rows);
+            for t in 0..TILE {
+                out[t] += mins[t];
+            }
+            return out;
+        }
+        #[allow(unreachable_code)]
         let mut out = [0f32; TILE];
         for (o, t) in out.iter_mut().zip(tokens) {
             *o = self.dot(act.row(t));
         }
         out
+    }
+
+    /// The `min` terms of a tile's dot products (zero for types without minimums).
+    #[inline(always)]
+    fn mins(&self, rows: &[ActRow<'_>; TILE]) -> [f32; TILE] {
+        // Plain loops: a closure here is not inlined into a `target_feature` function reliably, and a call per
+        // block cost a third of prefill time (measured).
+        let mut mins = [0f32; TILE];
+        if self.has_min {
+            for t in 0..TILE {
+                let a = &rows[t];
+                for b in 0..self.min.len() {
+                    mins[t] += self.min[b] * a.d[b] * a.sum[b] as f32;
+                }
+            }
+        }
+        mins
     }
 
     /// Portable dot product with one activation row.
@@ -153,10 +192,7 @@ impl UnpackedRow {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_tile_avx2(&self, act: &Q8Act, tokens: std::ops::Range<usize>) -> [f32; TILE] {
         use std::arch::x86_64::*;
-        let n = tokens.len();
-        // Missing tokens of a short tile repeat the first; their results are dropped.
-        let rows: [ActRow<'_>; TILE] =
-            std::array::from_fn(|i| act.row(tokens.start + if i < n { i } else { 0 }));
+        let rows = tile_rows(act, &tokens);
         let mut acc = [_mm256_setzero_ps(); TILE];
         let ones = _mm256_set1_epi16(1);
         for b in 0..self.min.len() {
@@ -180,17 +216,7 @@ impl UnpackedRow {
                 );
             }
         }
-        // Plain loops: a closure here is not inlined into this `target_feature` function reliably, and a call per
-        // block cost a third of prefill time (measured).
-        let mut mins = [0f32; TILE];
-        if self.has_min {
-            for t in 0..TILE {
-                let a = &rows[t];
-                for b in 0..self.min.len() {
-                    mins[t] += self.min[b] * a.d[b] * a.sum[b] as f32;
-                }
-            }
-        }
+        let mins = self.mins(&rows);
         let mut out = [0f32; TILE];
         for t in 0..TILE {
             let v = acc[t];

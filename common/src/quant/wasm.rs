@@ -81,6 +81,40 @@ fn dot16_q6(q: v128, a: v128) -> v128 {
     dot16(i8x16_sub(q, i8x16_splat(32)), a)
 }
 
+/// Dot products of one weight row in batched.rs's common form (signed bytes `q`, a scale per 16) with a tile of
+/// activation rows, without the rows' `min` terms. Each block's weights are widened once for the whole tile.
+pub(super) fn dot_tile_unpacked<const T: usize>(
+    q: &[i8],
+    scale: &[f32],
+    rows: &[ActRow<'_>; T],
+) -> [f32; T] {
+    let mut acc = [f32x4_splat(0.0); T];
+    for b in 0..q.len() / 32 {
+        let (w0, w1) = (load16_i8(q, 32 * b), load16_i8(q, 32 * b + 16));
+        let w = [
+            i16x8_extend_low_i8x16(w0),
+            i16x8_extend_high_i8x16(w0),
+            i16x8_extend_low_i8x16(w1),
+            i16x8_extend_high_i8x16(w1),
+        ];
+        let (s0, s1) = (scale[2 * b], scale[2 * b + 1]);
+        for (acc, a) in acc.iter_mut().zip(rows) {
+            let (a0, a1) = (load16_i8(a.qs, 32 * b), load16_i8(a.qs, 32 * b + 16));
+            let p0 = i32x4_add(
+                i32x4_dot_i16x8(w[0], i16x8_extend_low_i8x16(a0)),
+                i32x4_dot_i16x8(w[1], i16x8_extend_high_i8x16(a0)),
+            );
+            let p1 = i32x4_add(
+                i32x4_dot_i16x8(w[2], i16x8_extend_low_i8x16(a1)),
+                i32x4_dot_i16x8(w[3], i16x8_extend_high_i8x16(a1)),
+            );
+            let da = a.d[b];
+            *acc = scaled(scaled(*acc, p0, s0 * da), p1, s1 * da);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]))
+}
+
 /// `acc + p · s` for i32 lanes `p`.
 #[inline(always)]
 fn scaled(acc: v128, p: v128, s: f32) -> v128 {

@@ -1,9 +1,10 @@
-//! `just bench-wasm`: decode speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2 component under
+//! `just bench-wasm`: decode and prefill speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2 component under
 //! wasmtime and the browser build (`@tandem/edge`) in headless Chromium, each on one thread — against native tandem
 //! and llama.cpp, both on one thread, measured side by side in one run; the browser's peak memory; and the sizes
 //! of both .wasm files raw, gzipped and brotli'd.
 //!
-//! All three answer the same chat prompt; tandem's turns stop at the end of the answer (at most 64 tokens),
+//! All answer the same chat prompt (prefill: its ~200 tokens over the time to first token); tandem's turns stop at
+//! the end of the answer (at most 64 tokens),
 //! llama.cpp decodes 64 tokens.
 
 use std::io::Write;
@@ -29,8 +30,24 @@ fn question() -> String {
     format!("Summarize this in one paragraph:\n\n{intro}")
 }
 
-/// Best decode rate of the component over `REPEATS` turns.
-fn component_decode(rt: &Runtime, model: &str) -> f64 {
+/// Prefill and decode tok/s, each the best over `REPEATS` turns.
+#[derive(Clone, Copy, Default)]
+struct Rates {
+    prefill: f64,
+    decode: f64,
+}
+
+impl Rates {
+    fn best(a: Rates, b: Rates) -> Rates {
+        Rates {
+            prefill: a.prefill.max(b.prefill),
+            decode: a.decode.max(b.decode),
+        }
+    }
+}
+
+/// The component's rates.
+fn component_rates(rt: &Runtime, model: &str) -> Rates {
     let mut edge = rt
         .instance(model, Weights::Cache)
         .unwrap_or_else(|e| panic!("{model} in the component: {e:#}"));
@@ -50,15 +67,19 @@ fn component_decode(rt: &Runtime, model: &str) -> f64 {
     };
     (0..REPEATS)
         .map(|_| {
-            edge.chat(&messages, &context, opts.clone(), |_| {})
-                .expect("component turn")
-                .decode_tokens_per_second
+            let st = edge
+                .chat(&messages, &context, opts.clone(), |_| {})
+                .expect("component turn");
+            Rates {
+                prefill: st.prompt_tokens as f64 / (st.ttft_ms / 1e3),
+                decode: st.decode_tokens_per_second,
+            }
         })
-        .fold(0.0, f64::max)
+        .fold(Rates::default(), Rates::best)
 }
 
-/// Best decode rate of native tandem over `REPEATS` turns, and the prompt's token ids.
-fn native_decode(model: &str) -> (f64, Vec<u32>) {
+/// Native tandem's rates, and the prompt's token ids.
+fn native_rates(model: &str) -> (Rates, Vec<u32>) {
     let e = engine(model);
     let messages = [Message::new("user", &question())];
     let opts = GenerateOptions {
@@ -69,16 +90,19 @@ fn native_decode(model: &str) -> (f64, Vec<u32>) {
         .map(|_| {
             let (_, st) = chat_turn(e, &ContextSource::default(), &messages, &opts, |_, _| {})
                 .expect("native turn");
-            st.generate.decode_tokens_per_s()
+            Rates {
+                prefill: st.generate.prefill_tokens_per_s(),
+                decode: st.generate.decode_tokens_per_s(),
+            }
         })
-        .fold(0.0, f64::max);
+        .fold(Rates::default(), Rates::best);
     let ids = e.tokenizer.chat_tokens(&messages, false).expect("prompt");
     (best, ids)
 }
 
-/// Best decode rate in headless Chromium over `REPEATS` turns (the engine in its worker, wasm CPU path), and the
-/// browser's peak memory (PSS of all its processes), per model.
-fn browser_decode(models: &[&str]) -> Vec<(f64, f64)> {
+/// Rates in headless Chromium (the engine in its worker, wasm CPU path), and the browser's peak memory (PSS of all
+/// its processes), per model.
+fn browser_rates(models: &[&str]) -> Vec<(Rates, f64)> {
     let browser = Browser::find();
     let cloud = TestCloud::start(ServeOptions {
         models: models.iter().map(|m| m.to_string()).collect(),
@@ -105,11 +129,13 @@ fn browser_decode(models: &[&str]) -> Vec<(f64, f64)> {
                 .iter()
                 .map(|s| {
                     assert_eq!(s["ok"], true, "browser turn: {s:#}");
-                    s["stats"]["decode_tokens_per_second"]
-                        .as_f64()
-                        .expect("tok/s")
+                    let num = |k: &str| s["stats"][k].as_f64().expect("stats");
+                    Rates {
+                        prefill: num("prompt_tokens") / (num("ttft_ms") / 1e3),
+                        decode: num("decode_tokens_per_second"),
+                    }
                 })
-                .fold(0.0, f64::max);
+                .fold(Rates::default(), Rates::best);
             (best, session["peakPss"].as_f64().unwrap_or(0.0))
         })
         .collect()
@@ -160,38 +186,47 @@ fn main() {
     );
     let rt = Runtime::load(&path).expect("component compiles");
     let models = ["smollm2", "qwen-0.5b"];
-    let chromium = browser_decode(&models);
-    println!(
-        "decode tok/s on 1 thread, best of {REPEATS} (wasm: simd128; wasmtime adds relaxed SIMD)"
-    );
-    println!(
-        "{:<10} {:>9} {:>9} {:>8} {:>10} {:>15} {:>15} {:>13}",
-        "model",
-        "wasmtime",
-        "chromium",
-        "native",
-        "llama.cpp",
-        "wasmtime/llama",
-        "chromium/llama",
-        "browser peak"
-    );
+    let chromium = browser_rates(&models);
+    let mut rows = Vec::new();
     for (model, (c, peak)) in models.into_iter().zip(chromium) {
-        let w = component_decode(&rt, model);
-        let (n, ids) = native_decode(model);
-        let l = python
-            .as_deref()
-            .map(|py| measure_llamacpp(py, model, 1, &ids, DECODE_TOKENS, REPEATS).decode_tok_s);
-        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-        let ratio = |x: f64| l.map_or("-".to_string(), |l| format!("{:.2}x", x / l));
+        let w = component_rates(&rt, model);
+        let (n, ids) = native_rates(model);
+        let l = python.as_deref().map(|py| {
+            let m = measure_llamacpp(py, model, 1, &ids, DECODE_TOKENS, REPEATS);
+            Rates {
+                prefill: m.prefill_tok_s,
+                decode: m.decode_tok_s,
+            }
+        });
+        rows.push((model, w, c, n, l, peak));
+    }
+    println!("tok/s on 1 thread, best of {REPEATS} (wasm: simd128; wasmtime adds relaxed SIMD)");
+    for (what, pick) in [
+        ("decode", (|r: Rates| r.decode) as fn(Rates) -> f64),
+        ("prefill", |r: Rates| r.prefill),
+    ] {
         println!(
-            "{:<10} {:>9.1} {:>9.1} {:>8.1} {:>10} {:>15} {:>15} {:>10.0} MB",
-            model,
-            w,
-            c,
-            n,
-            fmt(l),
-            ratio(w),
-            ratio(c),
+            "{:<18} {:>9} {:>9} {:>8} {:>10} {:>15} {:>15}",
+            what, "wasmtime", "chromium", "native", "llama.cpp", "wasmtime/llama", "chromium/llama"
+        );
+        for &(model, w, c, n, l, _) in &rows {
+            let l = l.map(pick);
+            let ratio = |x: f64| l.map_or("-".to_string(), |l| format!("{:.2}x", x / l));
+            println!(
+                "{:<18} {:>9.1} {:>9.1} {:>8.1} {:>10} {:>15} {:>15}",
+                model,
+                pick(w),
+                pick(c),
+                pick(n),
+                l.map_or("-".to_string(), |v| format!("{v:.1}")),
+                ratio(pick(w)),
+                ratio(pick(c))
+            );
+        }
+    }
+    for &(model, .., peak) in &rows {
+        println!(
+            "browser peak memory with {model}: {:.0} MB (PSS, all processes)",
             peak / 1e6
         );
     }
