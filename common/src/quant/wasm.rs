@@ -18,6 +18,7 @@ pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
     Some(match ty {
         GgmlType::Q4_0 => q4_0,
         GgmlType::Q4_1 => q4_1,
+        GgmlType::Q5_0 => q5_0,
         GgmlType::Q8_0 => q8_0,
         GgmlType::Q4K => q4k,
         GgmlType::Q6K => q6k,
@@ -142,6 +143,34 @@ fn q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
         off += s * a.sum[b] as f32;
     }
     hsum(acc) - 8.0 * off
+}
+
+/// The fifth bits of a Q5_0 block's 32 weights (bit j of `qh`) as bytes 0 or 16: weights 0..16, then 16..32.
+#[inline(always)]
+fn fifth_bits(qh: u32) -> (v128, v128) {
+    let bytes = u32x4_splat(qh);
+    let bit = u8x16(1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128);
+    let spread = |sel: v128| {
+        let set = u8x16_eq(v128_and(i8x16_swizzle(bytes, sel), bit), bit);
+        v128_and(set, u8x16_splat(16))
+    };
+    (
+        spread(u8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)),
+        spread(u8x16(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)),
+    )
+}
+
+fn q5_0(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = f32x4_splat(0.0);
+    let mut off = 0f32;
+    for (b, blk) in w.chunks_exact(22).enumerate() {
+        let s = f16_at(blk, 0) * a.d[b];
+        let (h0, h1) = fifth_bits(u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]));
+        let (lo, hi) = nibbles(load16(blk, 6));
+        acc = scaled(acc, dot32_u7(v128_or(lo, h0), v128_or(hi, h1), a, b), s);
+        off += s * a.sum[b] as f32;
+    }
+    hsum(acc) - 16.0 * off
 }
 
 fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
