@@ -9,6 +9,7 @@ use tandem_common::gguf::Gguf;
 use tandem_common::models;
 
 pub mod browser;
+pub mod capture;
 pub mod cloud;
 pub mod gguf_writer;
 pub mod http;

@@ -8,6 +8,7 @@ use tandem_cloud::ServeOptions;
 use tandem_tests::browser::{Browser, run_plan};
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::parity::{assert_same_answer, native_steps};
+use tandem_tests::{capture, engine};
 
 const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a small ARM box called Gull. It caches \
 the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
@@ -131,4 +132,56 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
         "{error}"
     );
     assert_eq!(second[4]["keys"], json!([]), "{:#}", second[4]);
+}
+
+/// Privacy in the browser: everything the page, its workers and the engine send the cloud during a chat — every
+/// HTTP request and the KV WebSocket, captured by a relay the page is loaded through — holds the context id and
+/// none of the user's message.
+#[test]
+fn browser_edge_sends_no_user_data_to_the_cloud() {
+    let browser = Browser::find();
+    let cloud = TestCloud::start(ServeOptions {
+        static_dir: Some(browser.package.clone()),
+        ..Default::default()
+    });
+    let id = cloud.register(CONTEXT);
+    let relay = capture::relay(cloud.addr);
+    let via = format!("http://{}", relay.addr);
+    let secret = "My bank password is hunter2, please remember Zanzibar";
+    let plan = json!({
+        "pageUrl": format!("{via}/test/index.html"),
+        "sessions": [{ "webgpu": false, "steps": [
+            { "do": "load", "cloudUrl": via, "model": "smollm2" },
+            { "do": "chat", "request": { "messages": [{ "role": "user", "content": secret }], "max_tokens": 8,
+                "context": { "id": id } } },
+        ]}],
+    });
+    let report = run_plan(&browser, plan);
+    let chat = &report[0]["steps"][1];
+    assert_eq!(chat["ok"], true, "{chat:#}");
+    assert_eq!(chat["stats"]["kv_source"], "cloud", "{chat:#}");
+
+    let streams = relay.sent.lock().unwrap().clone();
+    let mut kv_streams = 0;
+    for stream in &streams {
+        let sent = if stream.starts_with(b"GET /v1/kv") {
+            kv_streams += 1;
+            let sent = capture::unmask(stream);
+            assert!(
+                capture::contains(&sent, id.as_bytes()),
+                "the KV request names the context"
+            );
+            sent
+        } else {
+            stream.clone()
+        };
+        capture::assert_holds_no_user_data(&sent, secret, engine("smollm2"));
+    }
+    assert_eq!(kv_streams, 1, "one KV stream");
+    assert!(
+        streams
+            .iter()
+            .any(|s| capture::contains(s, b"GET /weights/smollm2")),
+        "the weights' download came through the relay too"
+    );
 }
