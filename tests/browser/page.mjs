@@ -1,9 +1,10 @@
 // Drives the chat page (web/) like a user, for tests/tests/chat_page.rs.
 //
 // Usage: node page.mjs PLAN_JSON. The plan: { chromium, userDataDir, url, question, codec?, screenshot?,
-// killPid?, reload? }. Opens the page, waits for the model, picks the first shared context, asks `question` by
+// killPid?, compare?, phoneScreenshot?, reload? }. Opens the page, waits for the model, picks the first shared context, asks `question` by
 // keyboard, waits for the streamed answer and reads the live panel; with `killPid`, kills that process (the cloud)
-// as soon as the question is sent; with `reload`, reloads and reads the model status again. Prints one JSON line.
+// as soon as the question is sent; with `compare`, asks again with a local prefill; with `phoneScreenshot`, shoots
+// the page at phone width; with `reload`, reloads and reads the model status again. Prints one JSON line.
 
 import { launch } from "./launch.mjs";
 
@@ -43,6 +44,20 @@ try {
   );
   out.timelineBars = await page.locator("#panel .timeline rect").count();
   if (plan.screenshot) await page.screenshot({ path: plan.screenshot, fullPage: true });
+  if (plan.compare) {
+    await page.click("#compare");
+    await page.waitForFunction(
+      () => (document.querySelector("#compare-result")?.textContent ?? "").startsWith("Local prefill:"),
+      null,
+      { timeout: 300_000 },
+    );
+    out.compare = await page.textContent("#compare-result");
+  }
+  if (plan.phoneScreenshot) {
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.screenshot({ path: plan.phoneScreenshot, fullPage: true });
+    out.phoneOverflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth);
+  }
   out.history = await page.locator("#history li").count();
   if (plan.reload) {
     await page.reload();

@@ -84,10 +84,13 @@ fn chat_page_streams_an_answer_with_cloud_kv_and_keeps_the_model_cached() {
     let artifacts = target_dir().join("test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let screenshot = artifacts.join("chat-page.png");
+    let phone = artifacts.join("chat-page-phone.png");
     let _ = std::fs::remove_file(&screenshot);
+    let _ = std::fs::remove_file(&phone);
     let r = drive(
         &browser,
-        json!({ "url": format!("{}/?max_tokens=32", cloud.url()), "screenshot": screenshot, "reload": true }),
+        json!({ "url": format!("{}/?max_tokens=32", cloud.url()), "screenshot": screenshot, "compare": true,
+            "phoneScreenshot": phone, "reload": true }),
         "cloud",
     );
     eprintln!("chat page: {:#}", r["panel"]);
@@ -115,6 +118,15 @@ fn chat_page_streams_an_answer_with_cloud_kv_and_keeps_the_model_cached() {
     assert_eq!(r["history"], 1, "{r:#}");
     assert_eq!(r["historyAfterReload"], 1, "{r:#}");
     assert!(text(&r, "reloadedStatus").contains("cache"), "{r:#}");
+    // The comparison with a local prefill of the same question is shown.
+    let compare = text(&r, "compare");
+    assert!(
+        compare.starts_with("Local prefill: TTFT ") && compare.contains("with the cloud's KV"),
+        "{compare}"
+    );
+    // At phone width, nothing runs off the side.
+    assert_eq!(r["phoneOverflow"], false, "{r:#}");
+    assert!(std::fs::metadata(&phone).is_ok_and(|m| m.len() > 10_000));
     assert!(
         std::fs::metadata(&screenshot)
             .map(|m| m.len() > 10_000)

@@ -1,11 +1,10 @@
-//! `just bench-wasm`: decode and prefill speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2 component under
-//! wasmtime and the browser build (`@tandem/edge`) in headless Chromium, each on one thread — against native tandem
-//! and llama.cpp, both on one thread, measured side by side in one run; the browser's peak memory; and the sizes
-//! of both .wasm files raw, gzipped and brotli'd.
+//! `just bench-wasm`: decode and prefill speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2
+//! component under wasmtime and the browser build (`@tandem/edge`) in headless Chromium, each on one thread — against
+//! native tandem and llama.cpp, both on one thread, measured side by side in one run; the browser's peak memory; and
+//! the sizes of both .wasm files raw, gzipped and brotli'd.
 //!
 //! All answer the same chat prompt (prefill: its ~200 tokens over the time to first token); tandem's turns stop at
-//! the end of the answer (at most 64 tokens),
-//! llama.cpp decodes 64 tokens.
+//! the end of the answer (at most 64 tokens), llama.cpp decodes 64 tokens.
 
 use std::io::Write;
 use std::path::PathBuf;
