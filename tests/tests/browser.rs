@@ -51,8 +51,11 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
                 { "do": "chat", "request": { "messages": question, "max_tokens": TOKENS,
                     "context": { "id": id, "text": CONTEXT, "timeoutMs": 5000 } } },
             ]},
+            // The plain simd128 engine, for browsers without relaxed SIMD.
             { "webgpu": false, "steps": [
-                { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2" },
+                { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2", "simd": "simd128" },
+                { "do": "chat", "request": { "messages": question, "max_tokens": TOKENS,
+                    "context": { "id": id, "codec": "lossless" } } },
                 { "do": "poison-cache" },
                 { "do": "reload" },
                 { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2" },
@@ -75,6 +78,10 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
     assert_eq!(info["crossOriginIsolated"], true, "{info:#}");
     assert_eq!(info["weightsCached"], false, "{info:#}");
     assert_eq!(info["model"], "smollm2");
+    assert_eq!(
+        info["simd"], "relaxed-simd",
+        "Chromium runs relaxed SIMD: {info:#}"
+    );
     assert!(
         load["progress"]["download"].as_u64().unwrap() > 10,
         "{load:#}"
@@ -116,22 +123,26 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
     assert!(reason.contains("cannot reach"), "{reason}");
     assert_same_answer(&pieces(offline), &native, "browser edge, local fallback");
 
-    // Without WebGPU the page is told why; the engine runs regardless.
+    // Without WebGPU the page is told why; the engine runs regardless. The plain simd128 engine answers the same.
     let load = &second[0];
     assert_eq!(load["ok"], true, "{load:#}");
+    assert_eq!(load["info"]["simd"], "simd128", "{load:#}");
     assert!(load["info"]["webgpu"]["adapter"].is_null(), "{load:#}");
     assert!(!load["info"]["webgpu"]["note"].as_str().unwrap().is_empty());
+    let plain = &second[1];
+    assert_eq!(plain["stats"]["kv_source"], "cloud", "{plain:#}");
+    assert_same_answer(&pieces(plain), &native, "browser edge, simd128 engine");
 
     // Cached weights that no longer match the pinned hash are refused by name and dropped from the cache.
-    assert_eq!(second[1]["poisoned"], 1, "{:#}", second[1]);
-    let refused = &second[3];
+    assert_eq!(second[2]["poisoned"], 1, "{:#}", second[2]);
+    let refused = &second[4];
     assert_eq!(refused["ok"], false, "{refused:#}");
     let error = refused["error"].as_str().unwrap();
     assert!(
         error.contains("smollm2") && error.contains("sha256"),
         "{error}"
     );
-    assert_eq!(second[4]["keys"], json!([]), "{:#}", second[4]);
+    assert_eq!(second[5]["keys"], json!([]), "{:#}", second[5]);
 }
 
 /// Privacy in the browser: everything the page, its workers and the engine send the cloud during a chat — every

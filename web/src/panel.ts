@@ -18,7 +18,8 @@ function field(root: HTMLElement, name: string, value: string): void {
 /// Fills the panel with one answer's statistics.
 export function showStats(root: HTMLElement, engine: EngineStats, s: TurnStats): void {
   root.hidden = false;
-  field(root, "backend", engine.webgpu.adapter ? `${engine.backend} (WebGPU seen: ${engine.webgpu.adapter})` : engine.backend);
+  const cpu = `${engine.backend}, ${engine.simd}`;
+  field(root, "backend", engine.webgpu.adapter ? `${cpu} (WebGPU seen: ${engine.webgpu.adapter})` : cpu);
   const source =
     s.kv_source === "cloud"
       ? `cloud, codec ${s.codec}`

@@ -26,6 +26,8 @@ export interface EngineOptions {
   /// A model name the cloud serves (`smollm2`, `qwen-0.5b`).
   model?: string;
   onProgress?: (p: LoadProgress) => void;
+  /// `auto` (the default): the relaxed-SIMD engine where the browser runs it; `simd128`: always the plain one.
+  simd?: "auto" | "simd128";
 }
 
 type Listener = (e: EngineEvent) => void;
@@ -176,7 +178,7 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
       else if (ev.type === "ready") resolve(ev.info);
       else if (ev.type === "failed") reject(new Error(ev.error));
     };
-    const init: EngineRequest = { op: "init", cloudUrl, model, io: channel.port1 };
+    const init: EngineRequest = { op: "init", cloudUrl, model, io: channel.port1, simd: opts.simd ?? "auto" };
     worker.postMessage(init, [channel.port1]);
   }).catch((err) => {
     worker.terminate();

@@ -10,7 +10,7 @@ export type IoRequest =
 
 /// Page → engine worker.
 export type EngineRequest =
-  | { op: "init"; cloudUrl: string; model: string; io: MessagePort }
+  | { op: "init"; cloudUrl: string; model: string; io: MessagePort; simd: "auto" | "simd128" }
   | { op: "chat"; id: number; request: WorkerChatRequest }
   | { op: "stop"; id: number };
 

@@ -39,7 +39,7 @@ scope.onmessage = (e: MessageEvent) => {
   const req = e.data as EngineRequest;
   switch (req.op) {
     case "init":
-      init(req.cloudUrl, req.model, req.io).catch((err) => post({ type: "failed", error: message(err) }));
+      init(req.cloudUrl, req.model, req.io, req.simd).catch((err) => post({ type: "failed", error: message(err) }));
       return;
     case "chat":
       // One turn at a time: the model is one.
@@ -51,10 +51,12 @@ scope.onmessage = (e: MessageEvent) => {
   }
 };
 
-async function init(cloudUrl: string, model: string, io: MessagePort): Promise<void> {
+async function init(cloudUrl: string, model: string, io: MessagePort, want: "auto" | "simd128"): Promise<void> {
   const t0 = performance.now();
   installKvLink(io);
-  const wasm: Wasm = await import(new URL("./wasm/tandem_edge.js", import.meta.url).href);
+  const simd = want === "auto" && relaxedSimd() ? "relaxed-simd" : "simd128";
+  const dir = simd === "relaxed-simd" ? "wasm-relaxed" : "wasm";
+  const wasm: Wasm = await import(new URL(`./${dir}/tandem_edge.js`, import.meta.url).href);
   await wasm.default();
   const webgpu = await probeWebGpu();
   const expected = JSON.parse(wasm.expected_weights(model)) as { sha256: string; size: number };
@@ -84,12 +86,27 @@ async function init(cloudUrl: string, model: string, io: MessagePort): Promise<v
   const info: EngineInfo = {
     ...JSON.parse(engine.info()),
     backend: "wasm-cpu",
+    simd,
     webgpu,
     crossOriginIsolated: scope.crossOriginIsolated,
     weightsCached: cached !== undefined,
     loadMs: performance.now() - t0,
   };
   post({ type: "ready", info });
+}
+
+/// Whether this browser runs relaxed SIMD: validates a module of one function using `i8x16.relaxed_swizzle`.
+function relaxedSimd(): boolean {
+  const zeros = new Array(16).fill(0);
+  const v128Const = [0xfd, 0x0c, ...zeros];
+  // prettier-ignore
+  const module = new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x05, 0x01, 0x60, 0x00, 0x01, 0x7b, // types: () -> v128
+    0x03, 0x02, 0x01, 0x00, // functions: one of type 0
+    0x0a, 0x2b, 0x01, 0x29, 0x00, ...v128Const, ...v128Const, 0xfd, 0x80, 0x02, 0x0b, // relaxed_swizzle(0, 0)
+  ]);
+  return WebAssembly.validate(module);
 }
 
 function progress(p: LoadProgress): void {
