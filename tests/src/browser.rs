@@ -44,9 +44,9 @@ impl Browser {
     }
 }
 
-/// Runs `plan` (see chat.mjs: `pageUrl` and `sessions`) on a fresh browser profile, removed afterwards; returns the
-/// report, one entry per session, after checking that no session failed as a whole.
-pub fn run_plan(browser: &Browser, mut plan: Value) -> Vec<Value> {
+/// Runs the driver `script` in tests/browser (`chat.mjs`: the package; `page.mjs`: the chat page) with `plan`, on a
+/// fresh browser profile removed afterwards; returns the report it prints.
+pub fn run_driver(browser: &Browser, script: &str, mut plan: Value) -> Value {
     let profile = std::env::temp_dir().join(format!(
         "tandem-chromium-{}-{:?}",
         std::process::id(),
@@ -56,7 +56,7 @@ pub fn run_plan(browser: &Browser, mut plan: Value) -> Vec<Value> {
     plan["chromium"] = browser.chromium.to_string_lossy().into();
     plan["userDataDir"] = profile.to_string_lossy().into();
     let out = Command::new("node")
-        .arg(browser.driver.join("chat.mjs"))
+        .arg(browser.driver.join(script))
         .arg(plan.to_string())
         .output()
         .expect("node runs");
@@ -64,12 +64,19 @@ pub fn run_plan(browser: &Browser, mut plan: Value) -> Vec<Value> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "the browser driver failed: {}\n{stdout}\n{}",
+        "the browser driver {script} failed: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Vec<Value> = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("driver output is not a report ({e}): {stdout}"));
+    serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{script} printed no report ({e}): {stdout}"))
+}
+
+/// Runs `plan` (see chat.mjs: `pageUrl` and `sessions`); returns the report, one entry per session, after checking
+/// that no session failed as a whole.
+pub fn run_plan(browser: &Browser, plan: Value) -> Vec<Value> {
+    let report: Vec<Value> =
+        serde_json::from_value(run_driver(browser, "chat.mjs", plan)).expect("a list of sessions");
     for session in &report {
         assert!(
             session.get("error").is_none(),

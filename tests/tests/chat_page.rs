@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 use tandem_cloud::ServeOptions;
-use tandem_tests::browser::Browser;
+use tandem_tests::browser::{Browser, run_driver};
 use tandem_tests::cloud::TestCloud;
 
 const QUESTION: &str = "What does the gateway cache?";
@@ -38,28 +38,10 @@ fn context_text() -> String {
     readme.chars().take(2400).collect()
 }
 
-/// Runs tests/browser/page.mjs with `plan` on a fresh profile.
-fn drive(browser: &Browser, mut plan: Value, name: &str) -> Value {
-    let profile = std::env::temp_dir().join(format!("tandem-page-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
-    plan["chromium"] = browser.chromium.to_string_lossy().into();
-    plan["userDataDir"] = profile.to_string_lossy().into();
+/// Runs tests/browser/page.mjs with `plan`.
+fn drive(browser: &Browser, mut plan: Value) -> Value {
     plan["question"] = QUESTION.into();
-    let out = Command::new("node")
-        .arg(repo().join("tests/browser/page.mjs"))
-        .arg(plan.to_string())
-        .output()
-        .expect("node runs");
-    let _ = std::fs::remove_dir_all(&profile);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "page driver: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("page driver output ({e}): {stdout}"));
+    let report = run_driver(browser, "page.mjs", plan);
     assert!(
         report.get("error").is_none(),
         "the page test failed: {report:#}"
@@ -91,7 +73,6 @@ fn chat_page_streams_an_answer_with_cloud_kv_and_keeps_the_model_cached() {
         &browser,
         json!({ "url": format!("{}/?max_tokens=32", cloud.url()), "screenshot": screenshot, "compare": true,
             "phoneScreenshot": phone, "reload": true }),
-        "cloud",
     );
     eprintln!("chat page: {:#}", r["panel"]);
 
@@ -167,7 +148,6 @@ fn chat_page_finishes_locally_when_the_cloud_dies() {
     let r = drive(
         &browser,
         json!({ "url": format!("http://{addr}/?max_tokens=24"), "codec": "lossless", "killPid": cloud.id() }),
-        "killed",
     );
     let _ = cloud.wait();
     let _ = std::fs::remove_file(&context);
