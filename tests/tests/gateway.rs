@@ -12,8 +12,8 @@ use tandem_common::tokenizer::Message;
 use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
 use tandem_gateway::host::{self, Runtime, Weights};
 use tandem_tests::cloud::TestCloud;
-use tandem_tests::engine;
 use tandem_tests::parity::{assert_same_answer, native_steps};
+use tandem_tests::{capture, engine};
 
 const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a small ARM box called Gull. It caches \
 the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
@@ -57,13 +57,21 @@ fn wit_cloud(url: &str, id: &str) -> host::CloudContext {
 
 /// The component's answer, piece by piece, and its stats.
 fn component_answer(context: host::ContextSource) -> (Vec<String>, host::TurnStats) {
+    component_answer_to(QUESTION, context)
+}
+
+/// The component's answer to `question`, piece by piece, and its stats.
+fn component_answer_to(
+    question: &str,
+    context: host::ContextSource,
+) -> (Vec<String>, host::TurnStats) {
     let mut edge = runtime()
         .instance("smollm2", Weights::Cache)
         .unwrap_or_else(|e| panic!("instance: {e:#}"));
     let mut pieces = Vec::new();
     let question = [host::Message {
         role: "user".into(),
-        content: QUESTION.into(),
+        content: question.into(),
     }];
     let stats = edge
         .chat(&question, &context, greedy(), |t| {
@@ -213,4 +221,30 @@ fn component_refuses_weights_with_the_wrong_hash() {
     let msg = format!("{err:#}");
     assert!(msg.contains("smollm2") && msg.contains("sha256"), "{msg}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Privacy on the gateway path: every byte the component's host sends the cloud during a chat (recorded by a relay,
+/// WebSocket frames unmasked) holds the context id and none of the user's text or token ids.
+#[test]
+fn component_sends_no_user_data_to_the_cloud() {
+    let cloud = TestCloud::start(ServeOptions::default());
+    let id = cloud.register(CONTEXT);
+    let relay = capture::relay(cloud.addr);
+    let secret = "My bank password is hunter2, please remember Zanzibar";
+    let (_, st) = component_answer_to(
+        secret,
+        host::ContextSource {
+            cloud: Some(wit_cloud(&format!("http://{}", relay.addr), &id)),
+            text: None,
+        },
+    );
+    assert_eq!(st.kv_source, "cloud", "{:?}", st.fallback_reason);
+    let streams = relay.sent.lock().unwrap().clone();
+    assert_eq!(streams.len(), 1, "one connection to the cloud");
+    let sent = capture::unmask(&streams[0]);
+    assert!(
+        capture::contains(&sent, id.as_bytes()),
+        "the capture holds the protocol"
+    );
+    capture::assert_holds_no_user_data(&sent, secret, engine("smollm2"));
 }
