@@ -82,6 +82,16 @@ npm:
     CARGO_TARGET_DIR="$relaxed" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS='--cfg getrandom_backend="wasm_js" -C target-feature=+simd128,+relaxed-simd' \
       cargo rustc --release --target wasm32-unknown-unknown -p tandem-edge --crate-type cdylib
     "$bindgen" --target web --no-typescript --out-dir edge-wasm/npm/dist/wasm-relaxed "$relaxed/wasm32-unknown-unknown/release/tandem_edge.wasm"
+    # A third with threads (atomics, shared memory: kernel threads as Web Workers), where a nightly Rust with
+    # rust-src can rebuild std for them; without one the package has single-threaded engines only.
+    if rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+      threads="$CARGO_TARGET_DIR/wasm-threads"
+      CARGO_TARGET_DIR="$threads" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS='--cfg getrandom_backend="wasm_js" -C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128,+relaxed-simd -C link-arg=--shared-memory -C link-arg=--max-memory=4294967296 -C link-arg=--import-memory -C link-arg=--export=__wasm_init_tls -C link-arg=--export=__tls_size -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base' \
+        cargo +nightly rustc --release --target wasm32-unknown-unknown -p tandem-edge --crate-type cdylib -Z build-std=panic_abort,std
+      "$bindgen" --target web --no-typescript --out-dir edge-wasm/npm/dist/wasm-threads "$threads/wasm32-unknown-unknown/release/tandem_edge.wasm"
+    else
+      echo "no nightly Rust with rust-src: the package gets no threaded engine" >&2
+    fi
     cd edge-wasm/npm
     npm ci --no-audit --no-fund --loglevel=error
     npx tsc -p .

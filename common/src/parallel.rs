@@ -3,7 +3,9 @@
 //! Decode calls ~7 mat-muls per layer, each a few tens of microseconds of work. A general pool (rayon) puts idle
 //! workers to sleep and wakes them with a futex per call: measured, that cost a quarter of decode time. So the
 //! kernels run on a small team of helper threads that spin briefly between jobs (as llama.cpp's threads do) and only
-//! then sleep. In wasm without threads, everything runs on the calling thread.
+//! then sleep. In WebAssembly built with atomics (the browser's threaded engine), the host starts the helpers (Web
+//! Workers sharing the module's memory) through [`set_host_threads`]; in other wasm builds, everything runs on the
+//! calling thread.
 
 use std::marker::PhantomData;
 
@@ -47,10 +49,21 @@ const MIN_CHUNK_ROWS: usize = 16;
 
 /// Threads that compute kernels: `TANDEM_THREADS`, else `RAYON_NUM_THREADS`, else the machine's parallelism.
 pub fn threads() -> usize {
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
     return team::get().map_or(1, |t| t.threads());
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
     1
+}
+
+/// How a wasm host starts a helper thread: runs the closure on a new thread sharing this module's memory.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+pub type HostSpawn = fn(Box<dyn FnOnce() + Send>);
+
+/// Kernel threads for a wasm build with atomics, whose threads only its host can start: `threads` in all (the
+/// caller included). Takes effect if called before the first kernel runs; returns whether it did.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+pub fn set_host_threads(threads: usize, spawn: HostSpawn) -> bool {
+    team::HOST.set((threads, spawn)).is_ok()
 }
 
 /// Runs `f(r0, r1, sink)` over disjoint row ranges covering `0..rows`, in parallel where threads exist;
@@ -71,20 +84,22 @@ where
             out.set(i, r, v)
         });
     };
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
     if let Some(team) = team::get() {
         return team.run(chunks, &run);
     }
     (0..chunks).for_each(run);
 }
 
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
 mod team {
     use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
     use std::ptr;
     use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
     use std::sync::{Condvar, Mutex, OnceLock};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+
+    use web_time::Instant;
 
     /// How long an idle helper spins before it sleeps: longer than the gap between two mat-muls of one decode step.
     const SPIN: Duration = Duration::from_micros(500);
@@ -131,11 +146,7 @@ mod team {
     pub(super) fn get() -> Option<&'static Team> {
         static TEAM: OnceLock<Option<&'static Team>> = OnceLock::new();
         *TEAM.get_or_init(|| {
-            let threads = ["TANDEM_THREADS", "RAYON_NUM_THREADS"]
-                .iter()
-                .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
-                .filter(|&n| n > 0)
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let threads = thread_count();
             if threads < 2 {
                 return None;
             }
@@ -150,15 +161,43 @@ mod team {
                 dispatch: Mutex::new(()),
             }));
             for i in 0..team.helpers {
-                let spawned = std::thread::Builder::new()
-                    .name(format!("tandem-kernel-{i}"))
-                    .spawn(move || team.helper());
-                if spawned.is_err() {
+                if !spawn(i, Box::new(move || team.helper())) {
                     return None;
                 }
             }
             Some(team)
         })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn thread_count() -> usize {
+        ["TANDEM_THREADS", "RAYON_NUM_THREADS"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn spawn(i: usize, f: Box<dyn FnOnce() + Send>) -> bool {
+        std::thread::Builder::new()
+            .name(format!("tandem-kernel-{i}"))
+            .spawn(f)
+            .is_ok()
+    }
+
+    /// The host's thread count and spawner ([`super::set_host_threads`]).
+    #[cfg(target_arch = "wasm32")]
+    pub(super) static HOST: OnceLock<(usize, super::HostSpawn)> = OnceLock::new();
+
+    #[cfg(target_arch = "wasm32")]
+    fn thread_count() -> usize {
+        HOST.get().map_or(1, |&(n, _)| n)
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn spawn(_: usize, f: Box<dyn FnOnce() + Send>) -> bool {
+        HOST.get().map(|&(_, spawn)| spawn(f)).is_some()
     }
 
     impl Team {

@@ -237,3 +237,35 @@ fn js_error(e: JsValue) -> String {
         .and_then(|m| m.as_string())
         .unwrap_or_else(|| format!("{e:?}"))
 }
+
+/// Kernel threads for the threaded build (atomics, shared memory): the worker starts them as Web Workers.
+#[cfg(target_feature = "atomics")]
+mod threads {
+    use tandem_common::parallel;
+    use wasm_bindgen::prelude::*;
+
+    #[wasm_bindgen(js_namespace = tandemThreads)]
+    extern "C" {
+        /// Starts a Web Worker that instantiates `module` on `memory` and calls [`run_kernel_thread`]`(work)`.
+        #[wasm_bindgen(js_name = spawn)]
+        fn js_spawn(module: JsValue, memory: JsValue, work: usize);
+    }
+
+    /// Starts the kernel threads, `n` in all with the calling one; gives how many there are.
+    #[wasm_bindgen]
+    pub fn start_kernel_threads(n: usize) -> usize {
+        parallel::set_host_threads(n, |f| {
+            let work = Box::into_raw(Box::new(f)) as usize;
+            js_spawn(wasm_bindgen::module(), wasm_bindgen::memory(), work)
+        });
+        parallel::threads()
+    }
+
+    /// A kernel thread's body, called by its worker with what [`start_kernel_threads`] handed it; never returns.
+    #[wasm_bindgen]
+    pub fn run_kernel_thread(work: usize) {
+        // SAFETY: `work` is the pointer `start_kernel_threads` leaked for this one thread.
+        let f = unsafe { Box::from_raw(work as *mut Box<dyn FnOnce() + Send>) };
+        f()
+    }
+}

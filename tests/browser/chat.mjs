@@ -5,7 +5,7 @@
 // page and runs its steps in order. Prints one JSON line: per session, per step, what happened, and the browser's
 // peak memory (the proportional set size of all its processes, sampled every 100 ms).
 //
-// Steps: { do: "load", cloudUrl, model, simd? } creates an engine (progress events counted); { do: "chat", request } streams
+// Steps: { do: "load", cloudUrl, model, simd?, threads? } creates an engine (progress events counted); { do: "chat", request } streams
 // one answer (pieces and the final stats); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
 // cached weights with zeros of the same size; { do: "cache-keys" } lists the cached entries.
 
@@ -15,7 +15,7 @@ const plan = JSON.parse(process.argv[2]);
 async function step(page, s) {
   switch (s.do) {
     case "load":
-      return page.evaluate(async ({ cloudUrl, model, simd }) => {
+      return page.evaluate(async ({ cloudUrl, model, simd, threads }) => {
         const progress = { download: 0, cache: 0, load: 0, maxLoaded: 0 };
         try {
           window.engine?.terminate();
@@ -23,6 +23,7 @@ async function step(page, s) {
             cloudUrl,
             model,
             simd,
+            threads,
             onProgress: (p) => {
               progress[p.phase] += 1;
               progress.maxLoaded = Math.max(progress.maxLoaded, p.loaded);

@@ -82,6 +82,13 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
         info["simd"], "relaxed-simd",
         "Chromium runs relaxed SIMD: {info:#}"
     );
+    // Where the threaded engine was built, it runs the kernels on every core (this machine's, at most 8).
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let threaded = browser.package.join("dist/wasm-threads").exists();
+    let want = if threaded { cores as u64 } else { 1 };
+    assert_eq!(info["threads"], want, "kernel threads: {info:#}");
     assert!(
         load["progress"]["download"].as_u64().unwrap() > 10,
         "{load:#}"

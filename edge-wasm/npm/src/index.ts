@@ -28,6 +28,9 @@ export interface EngineOptions {
   onProgress?: (p: LoadProgress) => void;
   /// `auto` (the default): the relaxed-SIMD engine where the browser runs it; `simd128`: always the plain one.
   simd?: "auto" | "simd128";
+  /// Kernel threads, the engine's worker included (default: the machine's cores, at most 8). More than one needs a
+  /// cross-origin isolated page and the threaded engine (built where a nightly Rust is available).
+  threads?: number;
 }
 
 type Listener = (e: EngineEvent) => void;
@@ -178,7 +181,8 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
       else if (ev.type === "ready") resolve(ev.info);
       else if (ev.type === "failed") reject(new Error(ev.error));
     };
-    const init: EngineRequest = { op: "init", cloudUrl, model, io: channel.port1, simd: opts.simd ?? "auto" };
+    const init: EngineRequest = { op: "init", cloudUrl, model, io: channel.port1, simd: opts.simd ?? "auto",
+      threads: Math.max(1, Math.min(opts.threads ?? navigator.hardwareConcurrency ?? 1, 8)) };
     worker.postMessage(init, [channel.port1]);
   }).catch((err) => {
     worker.terminate();

@@ -18,6 +18,8 @@ export interface EngineInfo {
   backend: "wasm-cpu";
   /// The engine build this browser runs: with relaxed SIMD's 8-bit dot products where it has them.
   simd: "relaxed-simd" | "simd128";
+  /// Threads computing the kernels (the engine's worker and its kernel workers).
+  threads: number;
   /// What `navigator.gpu` offered: an adapter's description, or why there is none.
   webgpu: { adapter: string | null; note: string };
   /// Whether the page is cross-origin isolated, which streaming KV into the worker needs.

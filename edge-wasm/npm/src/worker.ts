@@ -10,6 +10,8 @@ interface Wasm {
   default(input?: unknown): Promise<unknown>;
   BrowserEngine: { load(model: string, weights: Uint8Array): BrowserEngine };
   expected_weights(model: string): string;
+  /// The threaded build only.
+  start_kernel_threads?(n: number): number;
 }
 interface BrowserEngine {
   info(): string;
@@ -26,6 +28,7 @@ const scope = self as unknown as {
   onmessage: ((e: MessageEvent) => void) | null;
   crossOriginIsolated: boolean;
   tandemKv: unknown;
+  tandemThreads: unknown;
 };
 const post = (m: EngineEvent) => scope.postMessage(m);
 const CACHE = "tandem-weights-v1";
@@ -39,7 +42,7 @@ scope.onmessage = (e: MessageEvent) => {
   const req = e.data as EngineRequest;
   switch (req.op) {
     case "init":
-      init(req.cloudUrl, req.model, req.io, req.simd).catch((err) => post({ type: "failed", error: message(err) }));
+      init(req.cloudUrl, req.model, req.io, req.simd, req.threads).catch((err) => post({ type: "failed", error: message(err) }));
       return;
     case "chat":
       // One turn at a time: the model is one.
@@ -51,13 +54,33 @@ scope.onmessage = (e: MessageEvent) => {
   }
 };
 
-async function init(cloudUrl: string, model: string, io: MessagePort, want: "auto" | "simd128"): Promise<void> {
+async function init(
+  cloudUrl: string,
+  model: string,
+  io: MessagePort,
+  want: "auto" | "simd128",
+  threadsWanted: number,
+): Promise<void> {
   const t0 = performance.now();
   installKvLink(io);
   const simd = want === "auto" && relaxedSimd() ? "relaxed-simd" : "simd128";
-  const dir = simd === "relaxed-simd" ? "wasm-relaxed" : "wasm";
-  const wasm: Wasm = await import(new URL(`./${dir}/tandem_edge.js`, import.meta.url).href);
-  await wasm.default();
+  // The threaded engine (relaxed SIMD, shared memory) where the page is isolated and it was built; else one thread.
+  let threads = 1;
+  let wasm: Wasm | null = null;
+  if (simd === "relaxed-simd" && threadsWanted > 1 && scope.crossOriginIsolated) {
+    const glue = new URL("./wasm-threads/tandem_edge.js", import.meta.url).href;
+    wasm = await import(glue).catch(() => null);
+    if (wasm) {
+      await wasm.default();
+      installThreadSpawner(glue);
+      threads = wasm.start_kernel_threads!(threadsWanted);
+    }
+  }
+  if (!wasm) {
+    const dir = simd === "relaxed-simd" ? "wasm-relaxed" : "wasm";
+    wasm = (await import(new URL(`./${dir}/tandem_edge.js`, import.meta.url).href)) as Wasm;
+    await wasm.default();
+  }
   const webgpu = await probeWebGpu();
   const expected = JSON.parse(wasm.expected_weights(model)) as { sha256: string; size: number };
   const url = `${cloudUrl.replace(/\/$/, "")}/weights/${encodeURIComponent(model)}`;
@@ -87,12 +110,24 @@ async function init(cloudUrl: string, model: string, io: MessagePort, want: "aut
     ...JSON.parse(engine.info()),
     backend: "wasm-cpu",
     simd,
+    threads,
     webgpu,
     crossOriginIsolated: scope.crossOriginIsolated,
     weightsCached: cached !== undefined,
     loadMs: performance.now() - t0,
   };
   post({ type: "ready", info });
+}
+
+/// How the threaded engine starts a kernel thread (`globalThis.tandemThreads`, imported by browser.rs): a worker
+/// that instantiates the same module on the same shared memory and runs the thread's work.
+function installThreadSpawner(glue: string): void {
+  scope.tandemThreads = {
+    spawn(module: WebAssembly.Module, memory: WebAssembly.Memory, work: number): void {
+      const w = new Worker(new URL("./kernel-worker.js", import.meta.url), { type: "module", name: "tandem-kernel" });
+      w.postMessage({ glue, module, memory, work });
+    },
+  };
 }
 
 /// Whether this browser runs relaxed SIMD: validates a module of one function using `i8x16.relaxed_swizzle`.

@@ -1,7 +1,7 @@
 //! `just bench-wasm`: decode and prefill speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2
-//! component under wasmtime and the browser build (`@tandem/edge`) in headless Chromium, each on one thread — against
-//! native tandem and llama.cpp, both on one thread, measured side by side in one run; the browser's peak memory; and
-//! the sizes of both .wasm files raw, gzipped and brotli'd.
+//! component under wasmtime (one thread) and the browser build (`@tandem/edge`) in headless Chromium on one and on
+//! two kernel threads — against native tandem (one thread) and llama.cpp on one and two threads, measured side by
+//! side in one run; the browser's peak memory; and the sizes of every .wasm raw, gzipped and brotli'd.
 //!
 //! All answer the same chat prompt (prefill: its ~200 tokens over the time to first token); tandem's turns stop at
 //! the end of the answer (at most 64 tokens), llama.cpp decodes 64 tokens.
@@ -99,9 +99,9 @@ fn native_rates(model: &str) -> (Rates, Vec<u32>) {
     (best, ids)
 }
 
-/// Rates in headless Chromium (the engine in its worker, wasm CPU path), and the browser's peak memory (PSS of all
-/// its processes), per model.
-fn browser_rates(models: &[&str]) -> Vec<(Rates, f64)> {
+/// Rates in headless Chromium (the engine in its worker, wasm CPU path) on `threads` kernel threads, and the
+/// browser's peak memory (PSS of all its processes), per model.
+fn browser_rates(models: &[&str], threads: usize) -> Vec<(Rates, f64)> {
     let browser = Browser::find();
     let cloud = TestCloud::start(ServeOptions {
         models: models.iter().map(|m| m.to_string()).collect(),
@@ -113,7 +113,9 @@ fn browser_rates(models: &[&str]) -> Vec<(Rates, f64)> {
     let sessions: Vec<_> = models
         .iter()
         .map(|m| {
-            let mut steps = vec![json!({ "do": "load", "cloudUrl": cloud.url(), "model": m })];
+            let mut steps = vec![
+                json!({ "do": "load", "cloudUrl": cloud.url(), "model": m, "threads": threads }),
+            ];
             steps.extend(std::iter::repeat_n(chat.clone(), REPEATS));
             json!({ "webgpu": false, "steps": steps })
         })
@@ -124,6 +126,12 @@ fn browser_rates(models: &[&str]) -> Vec<(Rates, f64)> {
         .iter()
         .map(|session| {
             let steps = session["steps"].as_array().expect("steps");
+            let got = &steps[0]["info"]["threads"];
+            assert_eq!(
+                got, threads,
+                "the browser runs {threads} kernel threads: {:#}",
+                steps[0]
+            );
             let best = steps[1..]
                 .iter()
                 .map(|s| {
@@ -182,6 +190,7 @@ fn main() {
     for (what, dir) in [
         ("browser engine", "wasm"),
         ("browser engine, relaxed SIMD", "wasm-relaxed"),
+        ("browser engine, threads", "wasm-threads"),
     ] {
         print_size(
             what,
@@ -194,43 +203,60 @@ fn main() {
     }
     let rt = Runtime::load(&path).expect("component compiles");
     let models = ["smollm2", "qwen-0.5b"];
-    let chromium = browser_rates(&models);
+    let one = browser_rates(&models, 1);
+    let two = browser_rates(&models, 2);
     let mut rows = Vec::new();
-    for (model, (c, peak)) in models.into_iter().zip(chromium) {
+    for ((model, (c1, peak)), (c2, _)) in models.into_iter().zip(one).zip(two) {
         let w = component_rates(&rt, model);
         let (n, ids) = native_rates(model);
-        let l = python.as_deref().map(|py| {
-            let m = measure_llamacpp(py, model, 1, &ids, DECODE_TOKENS, REPEATS);
-            Rates {
-                prefill: m.prefill_tok_s,
-                decode: m.decode_tok_s,
-            }
-        });
-        rows.push((model, w, c, n, l, peak));
+        let llama = |threads| {
+            python.as_deref().map(|py| {
+                let m = measure_llamacpp(py, model, threads, &ids, DECODE_TOKENS, REPEATS);
+                Rates {
+                    prefill: m.prefill_tok_s,
+                    decode: m.decode_tok_s,
+                }
+            })
+        };
+        rows.push((model, w, c1, c2, n, llama(1), llama(2), peak));
     }
     println!(
-        "tok/s on 1 thread, best of {REPEATS} (wasm: simd128 and relaxed SIMD, both runtimes have it)"
+        "tok/s, best of {REPEATS}; wasm: simd128 + relaxed SIMD; 1t/2t: threads (wasmtime and native: 1 thread)"
     );
     for (what, pick) in [
         ("decode", (|r: Rates| r.decode) as fn(Rates) -> f64),
         ("prefill", |r: Rates| r.prefill),
     ] {
         println!(
-            "{:<18} {:>9} {:>9} {:>8} {:>10} {:>15} {:>15}",
-            what, "wasmtime", "chromium", "native", "llama.cpp", "wasmtime/llama", "chromium/llama"
+            "{:<10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>14} {:>14} {:>14}",
+            what,
+            "wasmtime",
+            "chrome 1t",
+            "chrome 2t",
+            "native",
+            "llama 1t",
+            "llama 2t",
+            "wasmtime/llama",
+            "chrome/llama 1t",
+            "chrome/llama 2t"
         );
-        for &(model, w, c, n, l, _) in &rows {
-            let l = l.map(pick);
-            let ratio = |x: f64| l.map_or("-".to_string(), |l| format!("{:.2}x", x / l));
+        for &(model, w, c1, c2, n, l1, l2, _) in &rows {
+            let (l1, l2) = (l1.map(pick), l2.map(pick));
+            let ratio =
+                |x: f64, l: Option<f64>| l.map_or("-".to_string(), |l| format!("{:.2}x", x / l));
+            let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
-                "{:<18} {:>9.1} {:>9.1} {:>8.1} {:>10} {:>15} {:>15}",
+                "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>8.1} {:>9} {:>9} {:>14} {:>14} {:>14}",
                 model,
                 pick(w),
-                pick(c),
+                pick(c1),
+                pick(c2),
                 pick(n),
-                l.map_or("-".to_string(), |v| format!("{v:.1}")),
-                ratio(pick(w)),
-                ratio(pick(c))
+                fmt(l1),
+                fmt(l2),
+                ratio(pick(w), l1),
+                ratio(pick(c1), l1),
+                ratio(pick(c2), l2)
             );
         }
     }
