@@ -116,19 +116,21 @@ export class Engine {
     req.signal?.addEventListener("abort", stop, { once: true });
     this.post({ op: "chat", id, request: this.request(req) });
     const listeners = this.listeners;
+    let finished = false;
     return {
       async *[Symbol.asyncIterator]() {
         try {
           for (;;) {
             while (chunks.length === 0) await new Promise<void>((r) => (wake = r));
             const c = chunks.shift()!;
+            if (c === null || c instanceof Error) finished = true;
             if (c === null) return;
             if (c instanceof Error) throw c;
             yield c;
           }
         } finally {
           // A consumer that breaks out early stops the answer.
-          if (listeners.has(id)) stop();
+          if (!finished) stop();
           listeners.delete(id);
           req.signal?.removeEventListener("abort", stop);
         }
