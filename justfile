@@ -105,8 +105,10 @@ test-wasm:
     cargo build --release -p tandem-gateway
     CARGO_TARGET_WASM32_WASIP2_RUNNER="{{CARGO_TARGET_DIR}}/release/tandem-gateway run" cargo test --release --target wasm32-wasip2 -p tandem-common --lib
 
-# All tests (fetches the two models the tests use first, builds the edge component, the npm package and the page).
+# All tests (fetches the two models the tests use first, builds the edge component, the npm package and the page,
+# and the binaries some tests run: `tandem serve` as a process to kill).
 test: (models "smollm2" "qwen-0.5b") component web browser-deps test-wasm
+    cargo build --release --workspace
     cargo test --release --workspace
 
 llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")

@@ -137,7 +137,7 @@ fn chat_page_finishes_locally_when_the_cloud_dies() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("tandem serve starts (cargo builds it with the workspace)");
+        .expect("tandem serve starts (build it first: `cargo build --release -p tandem-cloud`, as `just test` does)");
     let mut lines = BufReader::new(cloud.stdout.take().unwrap()).lines();
     let listening = lines
         .by_ref()
