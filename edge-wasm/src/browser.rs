@@ -17,7 +17,7 @@ use wasm_bindgen::prelude::*;
 use web_time::Instant;
 
 use crate::chat::{CloudContext, ContextSource, Turn, start_turn};
-use crate::incoming::{IncomingKv, MessageLink, fetch_over};
+use crate::incoming::{IncomingKv, MessageLink, fetch_over, millis};
 use crate::protocol::{FetchError, FetchRequest};
 
 #[wasm_bindgen(js_namespace = tandemKv)]
@@ -179,10 +179,7 @@ fn default_timeout_ms() -> u64 {
 
 impl CloudRequest {
     fn into_cloud(self, engine_model: &str) -> Result<CloudContext, String> {
-        let codec = self
-            .codec
-            .map(|name| Codec::parse(&name).ok_or_else(|| format!("unknown codec {name:?}")))
-            .transpose()?;
+        let codec = self.codec.map(|name| name.parse::<Codec>()).transpose()?;
         Ok(CloudContext {
             cloud_url: self.url,
             model: self.model.unwrap_or_else(|| engine_model.to_string()),
@@ -221,10 +218,6 @@ impl Drop for WorkerLink {
     fn drop(&mut self) {
         kv_close(self.0);
     }
-}
-
-fn millis(d: Duration) -> u32 {
-    d.as_millis().min(u32::MAX as u128) as u32
 }
 
 /// A thrown JavaScript value as text (an `Error`'s message, or the value itself).

@@ -41,12 +41,9 @@ pub struct TurnStats {
     pub generate: GenerateStats,
     pub source: KvSource,
     pub context_tokens: usize,
-    /// KV payload bytes received from the cloud.
-    pub kv_bytes: usize,
-    /// When the last context layer arrived, from the start of the turn.
-    pub kv_done_after: Duration,
-    /// Per context layer from the cloud: when the prompt's prefill needed it and when it had it.
-    pub kv_timeline: Vec<LayerTiming>,
+    /// What fetching the context's KV from the cloud cost (bytes, when the last layer arrived, per-layer timing;
+    /// empty when it was computed here).
+    pub kv: FetchStats,
     /// What the context's KV would be as f16, all layers: the baseline for `kv_bytes`.
     pub kv_fp16_bytes: usize,
     /// Time to first token, from the start of the turn (connection and loading included).
@@ -86,10 +83,10 @@ impl TurnStats {
             context_tokens: self.context_tokens as u32,
             prompt_tokens: self.generate.prompt_tokens as u32,
             generated_tokens: self.generate.generated_tokens as u32,
-            kv_bytes: self.kv_bytes as u64,
+            kv_bytes: self.kv.kv_bytes as u64,
             ttft_ms: self.ttft.as_secs_f64() * 1e3,
-            kv_done_ms: self.kv_done_after.as_secs_f64() * 1e3,
-            kv_timeline: self.kv_timeline.clone(),
+            kv_done_ms: self.kv.done_after.as_secs_f64() * 1e3,
+            kv_timeline: self.kv.timeline.clone(),
             kv_fp16_bytes: self.kv_fp16_bytes as u64,
             decode_tokens_per_second: self.generate.decode_tokens_per_s(),
         }
@@ -129,9 +126,7 @@ impl Turn<'_> {
             generate,
             source: self.source.clone(),
             context_tokens: self.context_tokens,
-            kv_bytes: self.fetch.kv_bytes,
-            kv_done_after: self.fetch.done_after,
-            kv_timeline: self.fetch.timeline.clone(),
+            kv: self.fetch.clone(),
             kv_fp16_bytes: self.kv_fp16_bytes,
         }
     }

@@ -15,7 +15,7 @@ use tandem_common::tokenizer::Message;
 use web_time::Instant;
 
 use crate::chat::{CloudContext, ContextSource, Turn, start_turn};
-use crate::incoming::{IncomingKv, MessageLink, fetch_over};
+use crate::incoming::{IncomingKv, MessageLink, fetch_over, millis};
 use crate::protocol::{FetchError, FetchRequest};
 
 wit_bindgen::generate!({ path: "../wit", world: "edge" });
@@ -88,10 +88,7 @@ impl wit::GuestEngine for EngineHandle {
 }
 
 fn cloud_context(c: wit::CloudContext) -> Result<CloudContext, String> {
-    let codec = c
-        .codec
-        .map(|name| Codec::parse(&name).ok_or_else(|| format!("unknown codec {name:?}")))
-        .transpose()?;
+    let codec = c.codec.map(|name| name.parse::<Codec>()).transpose()?;
     Ok(CloudContext {
         cloud_url: c.url,
         model: c.model,
@@ -121,10 +118,6 @@ impl MessageLink for HostLink {
     fn receive(&mut self, timeout: Duration) -> Result<Vec<u8>, String> {
         self.0.receive(millis(timeout))
     }
-}
-
-fn millis(d: Duration) -> u32 {
-    d.as_millis().min(u32::MAX as u128) as u32
 }
 
 pub struct ChatStream(RefCell<Turn<'static>>);

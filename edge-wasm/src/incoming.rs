@@ -94,6 +94,11 @@ impl IncomingKv {
     }
 }
 
+/// A timeout in whole milliseconds, as the hosts' links take it (saturating).
+pub fn millis(d: Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
+}
+
 /// A blocking, message-oriented connection to a KV source (one message = one wire frame).
 pub trait MessageLink: Send {
     fn send(&mut self, message: Vec<u8>) -> Result<(), String>;

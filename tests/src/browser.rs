@@ -1,7 +1,7 @@
 //! Headless Chromium driven by playwright-core (tests/browser/chat.mjs) through the `@tandem/edge` package, for the
 //! browser tests and `bench-wasm`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
@@ -17,7 +17,7 @@ pub struct Browser {
 
 impl Browser {
     pub fn find() -> Browser {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let repo = crate::repo_root();
         let chromium = std::env::var_os("TANDEM_CHROMIUM")
             .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
         assert!(

@@ -4,27 +4,20 @@
 //! finished locally with the page saying so.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 use tandem_cloud::ServeOptions;
 use tandem_tests::browser::{Browser, run_driver};
 use tandem_tests::cloud::TestCloud;
+use tandem_tests::{repo_root, target_dir};
 
 const QUESTION: &str = "What does the gateway cache?";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from)
-}
-
 /// The built page (`just web`).
 fn page_dir() -> PathBuf {
-    let dir = repo().join("web/dist");
+    let dir = repo_root().join("web/dist");
     assert!(
         dir.join("index.html").exists() && dir.join("pkg/index.js").exists(),
         "the chat page is not built: run `just web`"
@@ -34,7 +27,7 @@ fn page_dir() -> PathBuf {
 
 /// A shared context of a few hundred tokens: the start of the README.
 fn context_text() -> String {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     readme.chars().take(2400).collect()
 }
 

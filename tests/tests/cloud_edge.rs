@@ -77,10 +77,10 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
         st.context_tokens,
         e.tokenizer.context_tokens(CONTEXT).unwrap().len()
     );
-    assert!(st.kv_bytes > 0);
+    assert!(st.kv.kv_bytes > 0);
     eprintln!(
         "lossless: {} KV bytes, TTFT {:?}: {streamed:?}",
-        st.kv_bytes, st.ttft
+        st.kv.kv_bytes, st.ttft
     );
 
     // Unknown context on the cloud, text here: computed locally, same answer, and the reason says why.

@@ -1,7 +1,6 @@
 //! The edge runtime as a WebAssembly component under wasmtime (`tandem-gateway`), and the gateway as a KV cache for
 //! nearby edges: real component, real cloud, real WebSockets on loopback.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -19,12 +18,11 @@ const CONTEXT: &str = "The gateway on the third floor of the Lisbon office is a 
 the shared context for the sensors and tablets near it. Its administrator is Ana, and its backup runs at 03:00.";
 const QUESTION: &str = "What does Gull cache?";
 const TOKENS: u32 = 16;
+
 fn runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| PathBuf::from("../target"), PathBuf::from);
-        let path = tandem_gateway::default_component(&target);
+        let path = tandem_gateway::default_component(&tandem_tests::target_dir());
         assert!(
             path.exists(),
             "{} is missing: build the component first (`just component`)",

@@ -258,8 +258,8 @@ fn chat(args: ChatArgs) -> Result<()> {
     let source = match &stats.source {
         KvSource::Cloud { codec } => format!(
             "context KV from the cloud ({codec}, {:.1} KB, all layers after {:.0} ms)",
-            stats.kv_bytes as f64 / 1e3,
-            stats.kv_done_after.as_secs_f64() * 1e3
+            stats.kv.kv_bytes as f64 / 1e3,
+            stats.kv.done_after.as_secs_f64() * 1e3
         ),
         KvSource::Local { reason } => format!("context computed locally ({reason})"),
         KvSource::None => "no context".into(),

@@ -159,7 +159,7 @@ fn main() {
             panic!("the cloud path fell back: {:?}", st.source)
         };
         let ttft = st.ttft.as_secs_f64();
-        let t_load = st.kv_done_after.as_secs_f64();
+        let t_load = st.kv.done_after.as_secs_f64();
         let seq = sequential_ttft(e, &cloud_ctx(Some(used)), &prompt);
         let name = match codec {
             None => format!("{used} (auto)"),
@@ -168,8 +168,8 @@ fn main() {
         println!(
             "{:<10} {:>12.0} {:>13.1}x {:>12.3} {:>14.3} {:>10.2} {:>12.3}",
             name,
-            st.kv_bytes as f64 / n_ctx,
-            fp16 / st.kv_bytes as f64,
+            st.kv.kv_bytes as f64 / n_ctx,
+            fp16 / st.kv.kv_bytes as f64,
             t_load,
             ttft,
             ttft / t_load.max(t_compute),

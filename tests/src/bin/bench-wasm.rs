@@ -7,7 +7,6 @@
 //! the end of the answer (at most 64 tokens), llama.cpp decodes 64 tokens.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use serde_json::json;
 use tandem_cloud::ServeOptions;
@@ -67,7 +66,7 @@ fn component_rates(rt: &Runtime, model: &str) -> Rates {
     (0..REPEATS)
         .map(|_| {
             let st = edge
-                .chat(&messages, &context, opts.clone(), |_| {})
+                .chat(&messages, &context, opts, |_| {})
                 .expect("component turn");
             Rates {
                 prefill: st.prompt_tokens as f64 / (st.ttft_ms / 1e3),
@@ -182,9 +181,7 @@ fn main() {
         .iter()
         .position(|a| a == "--llamacpp-python")
         .map(|i| args.get(i + 1).cloned().expect("--llamacpp-python PATH"));
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    let path = tandem_gateway::default_component(&target);
+    let path = tandem_gateway::default_component(&tandem_tests::target_dir());
     print_size("edge component", &path);
     let browser = Browser::find();
     for (what, dir) in [
