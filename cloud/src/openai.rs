@@ -2,6 +2,7 @@
 //! answer). It is the baseline a user would otherwise pick, and the path for clients without an edge runtime.
 //! One extension: `"context": ID` puts a registered context's KV before the messages, with no prefill.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -35,6 +36,17 @@ struct ChatRequest {
     seed: Option<u64>,
     /// tandem extension: a registered context id.
     context: Option<String>,
+    /// Generate `max_tokens` tokens whatever the model says (llama.cpp server's extension; for benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    /// Send one more chunk before `[DONE]` with the request's token counts (`usage`), as OpenAI does.
+    #[serde(default)]
+    include_usage: bool,
 }
 
 enum Event {
@@ -101,7 +113,7 @@ async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
             top_p,
             seed: req.seed.unwrap_or(0),
         },
-        stop_at_eos: true,
+        stop_at_eos: !req.ignore_eos,
         cancel: Some(cancel.clone()),
     };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
@@ -176,51 +188,66 @@ async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
         ));
     }
 
-    let chunk = move |delta: serde_json::Value, finish: Option<&str>| {
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    let chunk = move |choices: serde_json::Value| {
         serde_json::json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+            "choices": choices,
         })
-        .to_string()
     };
-    let first = chunk(
+    let delta = |delta: serde_json::Value, finish: Option<&str>| serde_json::json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+    let first = chunk(delta(
         serde_json::json!({ "role": "assistant", "content": "" }),
         None,
-    );
+    ))
+    .to_string();
     let metrics_app = app.clone();
-    let events =
-        futures_util::stream::unfold((rx, Some(first), false), move |(mut rx, pending, done)| {
+    // The state: the receiver, chunks ready to send, and whether the generation has ended.
+    let events = futures_util::stream::unfold(
+        (rx, VecDeque::from([first]), false),
+        move |(mut rx, mut pending, done)| {
             let chunk = chunk.clone();
             let app = metrics_app.clone();
             async move {
-                if let Some(p) = pending {
-                    return Some((p, (rx, None, false)));
+                if let Some(p) = pending.pop_front() {
+                    return Some((p, (rx, pending, done)));
                 }
                 if done {
                     return None;
                 }
                 let data = match rx.recv().await? {
-                    Event::Text(t) => chunk(serde_json::json!({ "content": t }), None),
+                    Event::Text(t) => {
+                        chunk(delta(serde_json::json!({ "content": t }), None)).to_string()
+                    }
                     Event::End {
                         finish,
+                        prompt_tokens,
                         completion_tokens,
-                        ..
                     } => {
                         app.metrics
                             .completion_tokens
                             .fetch_add(completion_tokens as u64, Relaxed);
-                        let last = chunk(serde_json::json!({}), Some(finish));
-                        return Some((last, (rx, Some("[DONE]".into()), true)));
+                        if include_usage {
+                            let mut usage = chunk(serde_json::json!([]));
+                            usage["usage"] = serde_json::json!({ "prompt_tokens": prompt_tokens,
+                                "completion_tokens": completion_tokens,
+                                "total_tokens": prompt_tokens + completion_tokens });
+                            pending.push_back(usage.to_string());
+                        }
+                        pending.push_back("[DONE]".into());
+                        let last = chunk(delta(serde_json::json!({}), Some(finish))).to_string();
+                        return Some((last, (rx, pending, true)));
                     }
                     Event::Failed(e) => {
                         serde_json::json!({ "error": { "message": e, "type": "generation_error" } })
                             .to_string()
                     }
                 };
-                Some((data, (rx, None, false)))
+                Some((data, (rx, pending, false)))
             }
-        })
-        .map(|data| Ok::<_, Infallible>(warp::sse::Event::default().data(data)));
+        },
+    )
+    .map(|data| Ok::<_, Infallible>(warp::sse::Event::default().data(data)));
     Ok(warp::sse::reply(warp::sse::keep_alive().stream(events)).into_response())
 }
 

@@ -178,6 +178,25 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
     assert!(done, "stream ends with [DONE]: {sse}");
     assert_eq!(deltas, text);
 
+    // OpenAI's `stream_options.include_usage`, and llama.cpp's `ignore_eos`: exactly max_tokens tokens, counted.
+    streaming["stream_options"] = serde_json::json!({ "include_usage": true });
+    streaming["ignore_eos"] = true.into();
+    streaming["max_tokens"] = (want.len() + 8).into();
+    let (_, sse) = http::request(
+        cloud.addr,
+        "POST",
+        "/v1/chat/completions",
+        &streaming.to_string(),
+    );
+    let usage: Vec<serde_json::Value> = sse
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.strip_prefix("data:")?).ok())
+        .filter(|c| !c["usage"].is_null())
+        .collect();
+    assert_eq!(usage.len(), 1, "one usage chunk: {sse}");
+    assert_eq!(usage[0]["usage"]["completion_tokens"], want.len() + 8);
+    assert_eq!(usage[0]["choices"], serde_json::json!([]));
+
     let (status, reply) = http::request(
         cloud.addr,
         "POST",
