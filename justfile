@@ -142,5 +142,12 @@ bench-stream *args: (models "smollm2" "qwen-0.5b")
 bench-wasm: (models "smollm2" "qwen-0.5b") llamacpp component npm browser-deps
     cargo run --release -p tandem-tests --bin bench-wasm -- --llamacpp-python "{{llamacpp_venv}}/bin/python"
 
+# CE-LSLM's experiments side by side: edge-only, cloud-only and tandem (with and without pipelining and
+# compression) under emulated 6G/5G/4G/poor links, one user and up to 64; writes BENCHMARKS.md, bench/results.json
+# and bench/*.png (`just bench --quick`: about two minutes, into target/bench-quick).
+bench *args: (models "smollm2" "qwen-0.5b")
+    cargo build --release -p tandem-cloud -p tandem-tests
+    {{CARGO_TARGET_DIR}}/release/bench {{args}}
+
 # Every benchmark.
-bench: bench-decode bench-stream bench-wasm
+bench-all: bench bench-decode bench-stream bench-wasm

@@ -8,6 +8,7 @@ use tandem_common::engine::{Engine, default_device};
 use tandem_common::gguf::Gguf;
 use tandem_common::models;
 
+pub mod bench;
 pub mod browser;
 pub mod capture;
 pub mod cloud;
