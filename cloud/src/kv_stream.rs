@@ -41,6 +41,14 @@ struct Session {
     app: Arc<App>,
 }
 
+/// What a `Request` frame asks for.
+struct Asked {
+    layers: (u32, u32),
+    tokens: Option<(u32, u32)>,
+    codec: Option<Codec>,
+    edge_prefill_tps: Option<f32>,
+}
+
 struct Edge<'a> {
     served: &'a Served,
     codecs: Vec<Codec>,
@@ -104,8 +112,15 @@ impl Session {
                     layers,
                     tokens,
                     codec,
+                    edge_prefill_tps,
                 } => {
-                    if let Err(e) = self.request(&edge, &context, layers, tokens, codec).await {
+                    let asked = Asked {
+                        layers,
+                        tokens,
+                        codec,
+                        edge_prefill_tps,
+                    };
+                    if let Err(e) = self.request(&edge, &context, asked).await {
                         // A request the cloud cannot serve does not end the session.
                         app.metrics.kv_errors.fetch_add(1, Relaxed);
                         self.send(&e).await?;
@@ -122,14 +137,13 @@ impl Session {
         Ok(())
     }
 
-    async fn request(
-        &mut self,
-        edge: &Edge<'_>,
-        id: &str,
-        layers: (u32, u32),
-        tokens: Option<(u32, u32)>,
-        codec: Option<Codec>,
-    ) -> Result<(), Frame> {
+    async fn request(&mut self, edge: &Edge<'_>, id: &str, asked: Asked) -> Result<(), Frame> {
+        let Asked {
+            layers,
+            tokens,
+            codec,
+            edge_prefill_tps,
+        } = asked;
         let ctx = self
             .app
             .context_or_pull(edge.served, id)
@@ -169,6 +183,28 @@ impl Session {
             )
             .ok_or_else(|| Frame::error(ErrorCode::NoCodec, "no codec in common"))?,
         };
+        // A whole context for an edge that said how fast it computes, over a link it measured: the edge may be
+        // better off computing the lowest layers itself while the others stream.
+        let whole = layers.start == 0 && tokens == (0..kv.len());
+        let local = match (edge.bandwidth_bps, edge_prefill_tps) {
+            (Some(bps), Some(tps)) if whole && bps > 0 && tps.is_finite() && tps > 0.0 => {
+                edge_layers(
+                    layers.len(),
+                    layer_bits(&ctx, codec),
+                    bps as f64,
+                    tokens.len(),
+                    tps as f64,
+                )
+            }
+            _ => 0,
+        };
+        let layers = layers.start + local..layers.end;
+        if local > 0 {
+            self.app
+                .metrics
+                .kv_layers_left_to_edges
+                .fetch_add(local as u64, Relaxed);
+        }
         self.send(&Frame::Context {
             context: id.to_string(),
             tokens: kv.tokens[tokens.clone()].to_vec(),
@@ -330,8 +366,18 @@ pub fn choose_codec(
     let Some(bps) = bandwidth_bps.filter(|&b| b > 0) else {
         return Some(fallback);
     };
-    let values = 2 * ctx.record.kv.layers.len() * ctx.shape().values().unwrap_or(0);
-    let bits_per_value = |c: Codec| match c {
+    let layers = ctx.record.kv.layers.len() as f64;
+    Some(
+        allowed
+            .into_iter()
+            .find(|&c| layers * layer_bits(ctx, c) / bps as f64 <= LINK_BUDGET_S)
+            .unwrap_or(fallback),
+    )
+}
+
+/// About how many bits one layer of `ctx` takes on the wire in `codec` (before brotli).
+fn layer_bits(ctx: &StoredContext, codec: Codec) -> f64 {
+    let bits_per_value = match codec {
         Codec::Lossless => 32.0,
         Codec::F16 => 16.0,
         // Code bits plus a 32-bit (minimum, step) pair per group of 32.
@@ -339,10 +385,51 @@ pub fn choose_codec(
         Codec::Q4 => 5.0,
         Codec::Q2 => 3.0,
     };
-    Some(
-        allowed
-            .into_iter()
-            .find(|&c| values as f64 * bits_per_value(c) / bps as f64 <= LINK_BUDGET_S)
-            .unwrap_or(fallback),
-    )
+    2.0 * ctx.shape().values().unwrap_or(0) as f64 * bits_per_value
+}
+
+/// How many of the lowest of `layers` layers the edge should compute itself while the cloud streams the others
+/// (CE-LSLM's cross-node pipeline, balanced): computing k layers of an `tokens`-token context takes the edge
+/// k/layers of `tokens / edge_tps`, streaming the other layers takes their bits over `bandwidth_bps`, and both run
+/// at once, so the context is ready after the longer of the two. Splits only where that beats streaming every
+/// layer by 10% (the estimates are rough), and always streams at least one layer.
+pub fn edge_layers(
+    layers: usize,
+    layer_bits: f64,
+    bandwidth_bps: f64,
+    tokens: usize,
+    edge_tps: f64,
+) -> usize {
+    if layers < 2 {
+        return 0;
+    }
+    let local = tokens as f64 / edge_tps / layers as f64;
+    let wire = layer_bits / bandwidth_bps;
+    let ready = |k: usize| (k as f64 * local).max((layers - k) as f64 * wire);
+    let best = (0..layers)
+        .min_by(|&a, &b| ready(a).total_cmp(&ready(b)))
+        .unwrap_or(0);
+    if ready(best) < 0.9 * ready(0) {
+        best
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edge_layers;
+
+    #[test]
+    fn the_split_balances_edge_compute_against_the_link() {
+        // 24 layers, 1 Mbit each: 24 s over 1 Mb/s; the edge prefills the 1000 tokens in 24 s: half each.
+        assert_eq!(edge_layers(24, 1e6, 1e6, 1000, 1000.0 / 24.0), 12);
+        // A fast link: everything streams.
+        assert_eq!(edge_layers(24, 1e6, 1e9, 1000, 1000.0 / 24.0), 0);
+        // A link far slower than the edge: all but one layer local, never none streamed.
+        assert_eq!(edge_layers(24, 1e6, 1e3, 1000, 1000.0), 23);
+        // Nearly balanced at k = 0 already: not worth the split.
+        assert_eq!(edge_layers(24, 1e6, 1e6, 1000, 1.0), 0);
+        assert_eq!(edge_layers(1, 1e6, 1e3, 1000, 1000.0), 0);
+    }
 }

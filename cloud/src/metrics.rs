@@ -10,6 +10,7 @@ pub struct Metrics {
     pub kv_sessions_active: AtomicU64,
     pub kv_bytes_streamed: AtomicU64,
     pub kv_layers_streamed: AtomicU64,
+    pub kv_layers_left_to_edges: AtomicU64,
     pub kv_errors: AtomicU64,
     pub store_hits: AtomicU64,
     pub store_misses: AtomicU64,
@@ -40,7 +41,7 @@ impl Drop for ActiveSession<'_> {
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
             (
                 "tandem_http_requests_total",
                 "counter",
@@ -70,6 +71,12 @@ impl Metrics {
                 "counter",
                 "KV layer chunks sent to edges",
                 &self.kv_layers_streamed,
+            ),
+            (
+                "tandem_kv_layers_left_to_edges_total",
+                "counter",
+                "context layers edges computed themselves while the others streamed",
+                &self.kv_layers_left_to_edges,
             ),
             (
                 "tandem_kv_errors_total",

@@ -1,5 +1,7 @@
 //! A loaded model with its tokenizer, and the generation loop every front end (CLI, cloud, edge) drives.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use burn::tensor::Device;
@@ -24,6 +26,8 @@ pub enum EngineError {
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
+    /// The last measured context-prefill speed, tokens per second through every layer, as f64 bits (0: none yet).
+    prefill_rate: AtomicU64,
 }
 
 /// What to generate.
@@ -75,6 +79,7 @@ impl Engine {
         Ok(Engine {
             model: Model::load(g, device)?,
             tokenizer: Tokenizer::from_gguf(g)?,
+            prefill_rate: AtomicU64::new(0),
         })
     }
 
@@ -92,9 +97,25 @@ impl Engine {
 
     /// Prefills `tokens` in a fresh session and returns its KV (to share as context).
     pub fn prefill_kv(&self, tokens: &[u32]) -> Result<KvState, EngineError> {
+        let t0 = web_time::Instant::now();
         let mut s = self.session();
         s.prefill(tokens)?;
+        self.record_prefill(tokens.len(), t0.elapsed());
         Ok(s.export())
+    }
+
+    /// This machine's speed at prefilling a context, tokens per second through every layer, as last measured (by
+    /// [`prefill_kv`](Self::prefill_kv) or [`record_prefill`](Self::record_prefill)); `None` before any.
+    pub fn prefill_tokens_per_s(&self) -> Option<f64> {
+        Some(f64::from_bits(self.prefill_rate.load(Relaxed))).filter(|&r| r > 0.0)
+    }
+
+    /// Records that `tokens` went through every layer in `took` (runs under 64 tokens say little and are ignored).
+    pub fn record_prefill(&self, tokens: usize, took: Duration) {
+        if tokens >= 64 && !took.is_zero() {
+            let rate = tokens as f64 / took.as_secs_f64();
+            self.prefill_rate.store(rate.to_bits(), Relaxed);
+        }
     }
 
     /// Generates after `prompt` in `session`, calling `on_token(id, text)` for each token; returns the ids.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest message either side accepts.
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 
@@ -41,12 +41,15 @@ pub enum Frame {
         server: String,
     },
     /// Edge → cloud: send the KV of `context` for `layers` (and `tokens`, all when `None`), in `codec` (the cloud
-    /// chooses when `None`).
+    /// chooses when `None`). `edge_prefill_tps`, the edge's measured prefill speed (tokens per second through all
+    /// its layers), lets the cloud leave the lowest layers of a whole context to the edge when computing them there
+    /// while the rest streams is faster: the `Context` answer then names the layers that will come.
     Request {
         context: String,
         layers: (u32, u32),
         tokens: Option<(u32, u32)>,
         codec: Option<Codec>,
+        edge_prefill_tps: Option<f32>,
     },
     /// Cloud → edge, before the chunks: the context's tokens (shared, not user data), positions and KV shape.
     Context {

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats, Generation};
-use tandem_common::model::Session;
+use tandem_common::model::{LayerwisePrefill, Session};
 use tandem_common::tokenizer::Message;
 use web_time::Instant;
 
 use crate::incoming::{Connect, FetchStats, LayerTiming};
 pub use crate::protocol::CloudContext;
+use crate::protocol::FetchRequest;
 
 /// The context of a turn: from a cloud, with its text for a local fallback (optional when the cloud is trusted to
 /// answer), or local only.
@@ -66,6 +67,8 @@ pub struct StatsSummary {
     pub kv_done_ms: f64,
     pub kv_timeline: Vec<LayerTiming>,
     pub kv_fp16_bytes: u64,
+    /// The lowest context layers this edge computed itself while the others streamed.
+    pub kv_local_layers: u32,
     pub decode_tokens_per_second: f64,
 }
 
@@ -88,6 +91,7 @@ impl TurnStats {
             kv_done_ms: self.kv.done_after.as_secs_f64() * 1e3,
             kv_timeline: self.kv.timeline.clone(),
             kv_fp16_bytes: self.kv_fp16_bytes as u64,
+            kv_local_layers: self.kv.local_layers as u32,
             decode_tokens_per_second: self.generate.decode_tokens_per_s(),
         }
     }
@@ -223,8 +227,9 @@ pub fn start_turn<'e>(
 /// Why the cloud path failed, and the context's tokens if its header had arrived.
 type CloudFailure = (String, Option<Vec<u32>>);
 
-/// The prompt prefilled against the cloud's context as it streams in. On failure: the reason, and the context's
-/// tokens when the header had arrived (so the fallback needs no local text).
+/// The prompt prefilled against the cloud's context as it streams in. Where the cloud left the lowest layers to
+/// this edge (`header.first_layer`), they are computed here, a layer at a time, while the others arrive. On
+/// failure: the reason, and the context's tokens when the header had arrived (so the fallback needs no local text).
 fn cloud_prefill(
     engine: &Engine,
     session: &mut Session<'_>,
@@ -233,10 +238,49 @@ fn cloud_prefill(
     connect: &Connect<'_>,
     t0: Instant,
 ) -> Result<(Vec<f32>, Codec, FetchStats), CloudFailure> {
-    let mut fetch = connect(cloud.fetch_request(engine), t0).map_err(|e| (e.to_string(), None))?;
+    let req = FetchRequest {
+        prefill_tps: engine.prefill_tokens_per_s(),
+        ..cloud.fetch_request(engine)
+    };
+    let mut fetch = connect(req, t0).map_err(|e| (e.to_string(), None))?;
     let header = fetch.header.clone();
+    let failed = |e: String| (e, Some(header.tokens.clone()));
+    let first = header.first_layer;
+    let mut local = match first {
+        0 => None,
+        _ if !header
+            .positions
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| p as usize == i) =>
+        {
+            return Err(failed(
+                "the cloud left layers to compute for a context not at positions 0..n".into(),
+            ));
+        }
+        _ => Some(
+            LayerwisePrefill::new(&engine.model, &header.tokens, 0)
+                .map_err(|e| failed(e.to_string()))?,
+        ),
+    };
+    let local_started = Instant::now();
     let logits = session
-        .prefill_streamed(&header, prompt, &mut |l| fetch.layer(l, t0))
-        .map_err(|e| (e.to_string(), Some(header.tokens.clone())))?;
-    Ok((logits, fetch.codec, fetch.stats))
+        .prefill_streamed(&header, prompt, &mut |l| match local.as_mut() {
+            Some(p) if l < first => {
+                let kv = p.next_layer().ok_or("no such layer")?;
+                if l + 1 == first {
+                    // The measured speed of this machine, for the next request's split.
+                    let all_layers = local_started
+                        .elapsed()
+                        .mul_f64(engine.model.config().n_layers as f64 / first as f64);
+                    engine.record_prefill(header.tokens.len(), all_layers);
+                }
+                Ok(kv)
+            }
+            _ => fetch.layer(l, t0),
+        })
+        .map_err(|e| failed(e.to_string()))?;
+    let mut stats = fetch.stats;
+    stats.local_layers = first;
+    Ok((logits, fetch.codec, stats))
 }

@@ -39,6 +39,8 @@ pub struct FetchStats {
     pub kv_bytes: usize,
     /// Layers received.
     pub layers: usize,
+    /// The lowest layers the cloud left to this edge, computed here while the others streamed.
+    pub local_layers: usize,
     /// Per layer, in order: when the computation asked for it and when it had it.
     pub timeline: Vec<LayerTiming>,
 }

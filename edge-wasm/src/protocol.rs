@@ -40,6 +40,7 @@ impl CloudContext {
             layers: c.n_layers as u32,
             rope: RopeParams::of(c),
             codecs: Codec::ALL.to_vec(),
+            prefill_tps: None,
         }
     }
 
@@ -68,6 +69,9 @@ pub struct FetchRequest {
     pub rope: RopeParams,
     /// Codecs this edge accepts.
     pub codecs: Vec<Codec>,
+    /// This edge's measured context-prefill speed, tokens/s: when given, the cloud may leave it the lowest layers
+    /// (the header's `first_layer`), so only callers that compute those set it.
+    pub prefill_tps: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -172,6 +176,7 @@ impl KvClient {
                     layers: (0, self.req.layers),
                     tokens: None,
                     codec: self.req.cloud.codec,
+                    edge_prefill_tps: self.req.prefill_tps.map(|r| r as f32),
                 })))
             }
             (
@@ -186,7 +191,11 @@ impl KvClient {
                     ..
                 },
             ) => {
-                if tokens.len() != positions.len() || layers != (0, self.req.layers) {
+                // The cloud sends every layer, or leaves the lowest to this edge.
+                if tokens.len() != positions.len()
+                    || layers.1 != self.req.layers
+                    || layers.0 >= layers.1
+                {
                     return Err(FetchError::Protocol(format!(
                         "inconsistent context header: {} tokens, {} positions, layers {layers:?}",
                         tokens.len(),
@@ -200,7 +209,7 @@ impl KvClient {
                 };
                 let header = KvState {
                     model: self.req.weights.clone(),
-                    first_layer: 0,
+                    first_layer: layers.0 as usize,
                     kv_heads: shape.kv_heads,
                     head_dim: shape.head_dim,
                     tokens,
@@ -211,7 +220,7 @@ impl KvClient {
                     shape,
                     codec,
                     positions,
-                    next: 0,
+                    next: layers.0,
                     started: Instant::now(),
                     received: 0,
                 };

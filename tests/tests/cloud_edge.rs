@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use tandem_cloud::ServeOptions;
 use tandem_common::codec::Codec;
 use tandem_common::engine::GenerateOptions;
+use tandem_common::model::LayerwisePrefill;
 use tandem_common::quant::Precision;
 use tandem_common::sample::argmax;
 use tandem_common::tokenizer::Message;
@@ -205,6 +206,72 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
     );
     assert_eq!(status, 400);
     assert!(reply.contains("messages"), "{reply}");
+}
+
+/// Over a link the edge reports as slow, the cloud leaves the lowest layers to the edge, which computes them (a layer
+/// at a time, giving the very KV of an ordinary prefill) while the others stream: with the lossless codec the answer
+/// is exactly a local run's, and the split shows in the turn's stats and the cloud's metrics. Over a fast link every
+/// layer streams.
+#[test]
+fn a_slow_link_leaves_the_lowest_layers_to_the_edge() {
+    let e = engine("smollm2");
+    let n = e.model.config().n_layers;
+    // Three prefill chunks: the layer-at-a-time prefill equals the chunk-at-a-time one, bit for bit.
+    let long = e.tokenizer.context_tokens(&[CONTEXT; 3].join(" ")).unwrap();
+    assert!(long.len() > 2 * 128, "{} tokens", long.len());
+    let exact = e.prefill_kv(&long).unwrap();
+    let mut layerwise = LayerwisePrefill::new(&e.model, &long, 0).unwrap();
+    for l in 0..n {
+        assert!(
+            layerwise.next_layer().unwrap() == exact.layers[l],
+            "layer {l} differs"
+        );
+    }
+    assert!(layerwise.next_layer().is_none());
+    // That prefill measured this machine's speed, which the edge now reports.
+    assert!(e.prefill_tokens_per_s().is_some());
+
+    let cloud = TestCloud::start(ServeOptions::default());
+    let id = cloud.register(CONTEXT);
+    let q = ask("What is the mascot's name?");
+    let opts = greedy(24);
+    let local = ContextSource {
+        cloud: None,
+        text: Some(CONTEXT.into()),
+    };
+    let (want, _) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
+
+    let mut slow = cloud_context(&cloud, &id, Some(Codec::Lossless));
+    slow.bandwidth_bps = Some(100_000);
+    let remote = |c: CloudContext| ContextSource {
+        cloud: Some(c),
+        text: None,
+    };
+    let (got, st) = chat_turn(e, &remote(slow), &q, &opts, |_, _| {}).unwrap();
+    assert_eq!(
+        st.source,
+        KvSource::Cloud {
+            codec: Codec::Lossless
+        }
+    );
+    let local_layers = st.kv.local_layers;
+    assert!(
+        local_layers > n / 2 && local_layers < n,
+        "a 100 kb/s link should leave most but not all of {n} layers to the edge, left {local_layers}"
+    );
+    assert_eq!(st.kv.layers, n - local_layers);
+    assert_eq!(st.summary().kv_local_layers as usize, local_layers);
+    assert_eq!(got, want, "the split changed the answer");
+    assert_eq!(
+        cloud.metric("tandem_kv_layers_left_to_edges_total"),
+        local_layers as u64
+    );
+
+    let mut fast = cloud_context(&cloud, &id, Some(Codec::Lossless));
+    fast.bandwidth_bps = Some(100_000_000_000);
+    let (got, st) = chat_turn(e, &remote(fast), &q, &opts, |_, _| {}).unwrap();
+    assert_eq!((st.kv.local_layers, st.kv.layers), (0, n));
+    assert_eq!(got, want);
 }
 
 /// Top-1 agreement of a session on cloud KV in `codec` with one on exact KV, teacher-forced along the exact run's
@@ -428,6 +495,7 @@ fn bad_input_over_the_socket_is_refused_clearly() {
                 layers,
                 tokens: None,
                 codec: None,
+                edge_prefill_tps: None,
             })
         };
         raw::send(&mut ws, request("ffff", (0, 30))).await;

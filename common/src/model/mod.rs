@@ -6,6 +6,7 @@
 //! RMSNorm → SwiGLU MLP → residual. Linear layers keep the GGUF's quantized blocks ([`QMatrix`]).
 
 mod config;
+mod layerwise;
 mod qmatrix;
 mod session;
 
@@ -14,6 +15,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 
 pub use config::{Arch, ModelConfig, RopeStyle, rope_frequencies};
+pub use layerwise::LayerwisePrefill;
 pub use qmatrix::{QMatrix, QuantOps, q_linear};
 pub use session::{Session, SessionError};
 

@@ -260,6 +260,28 @@ impl<'m> Session<'m> {
     }
 }
 
+/// Refuses an empty token list, ids outside the vocabulary, and `tokens` that would not fit after `used` others.
+pub(super) fn check_tokens(
+    c: &super::ModelConfig,
+    tokens: &[u32],
+    used: usize,
+) -> Result<(), SessionError> {
+    if tokens.is_empty() {
+        return Err(SessionError::Empty);
+    }
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        return Err(SessionError::BadToken { id, vocab: c.vocab });
+    }
+    if used + tokens.len() > c.context_length {
+        return Err(SessionError::TooLong {
+            tokens: tokens.len(),
+            used,
+            limit: c.context_length,
+        });
+    }
+    Ok(())
+}
+
 /// Checks `tokens`, runs them after `ctx_len` context tokens and the session's own, and keeps their KV; on an
 /// error from `ctx`, drops whatever KV the run had appended.
 fn run(
@@ -270,21 +292,7 @@ fn run(
     ctx_len: usize,
     ctx: &mut dyn FnMut(usize) -> Result<Option<DeviceKv>, SessionError>,
 ) -> Result<Vec<f32>, SessionError> {
-    let c = model.config();
-    if tokens.is_empty() {
-        return Err(SessionError::Empty);
-    }
-    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-        return Err(SessionError::BadToken { id, vocab: c.vocab });
-    }
-    let used = ctx_len + own_tokens.len();
-    if used + tokens.len() > c.context_length {
-        return Err(SessionError::TooLong {
-            tokens: tokens.len(),
-            used,
-            limit: c.context_length,
-        });
-    }
+    check_tokens(model.config(), tokens, ctx_len + own_tokens.len())?;
     let own_before = own_tokens.len();
     let mut logits = Vec::new();
     // Long inputs run in chunks: attention scores and masks grow with chunk × keys, not tokens × keys.

@@ -42,6 +42,9 @@ export interface TurnStats {
   kv_bytes: number;
   /// What the context's KV would be as f16: the baseline `kv_bytes` compares with.
   kv_fp16_bytes: number;
+  /// The lowest context layers computed here while the cloud streamed the others (the cloud splits when the link is
+  /// slow enough for that to be faster).
+  kv_local_layers: number;
   ttft_ms: number;
   kv_done_ms: number;
   /// Per context layer from the cloud, from the start of the turn: when the prefill needed it and when it had it

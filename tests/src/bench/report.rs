@@ -134,7 +134,9 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         w,
         "Median of the runs per cell. *KV on the wire*: context KV payload; *link floor*: one RTT plus those bytes at the \
-         link's rate, the least any loader could take; *KV done*: when the last layer had arrived. Edge-only never \
+         link's rate, the least any loader could take; *KV done*: when the last layer had arrived. Where the link is slow \
+         enough, the cloud leaves the lowest layers to the edge, which computes them while the others stream (the \
+         codec column says how many). Edge-only never \
          touches the network (the same runs are shown under every link). Cloud CPU: the cloud process's CPU seconds \
          during the request.\n"
     );
@@ -174,7 +176,11 @@ pub fn markdown(r: &Results) -> String {
                     } else {
                         String::new()
                     },
-                    cell[0].codec.clone().unwrap_or_default(),
+                    match (&cell[0].codec, cell[0].local_layers) {
+                        (Some(c), 0) => c.clone(),
+                        (Some(c), k) => format!("{c}, lowest {k} layers computed on the edge"),
+                        (None, _) => String::new(),
+                    },
                     med(&|s| s.cloud_cpu_s),
                 );
             }

@@ -68,6 +68,8 @@ pub struct Sample {
     /// When the context's last KV layer had arrived, from the start of the request.
     pub kv_done_s: f64,
     pub codec: Option<String>,
+    /// The lowest context layers the cloud left to the edge to compute (a slow link).
+    pub local_layers: usize,
     /// Why the edge computed the context itself although a cloud was asked (a correct answer, counted apart).
     pub fallback: Option<String>,
     pub error: Option<String>,
@@ -95,6 +97,7 @@ impl Sample {
             kv_bytes: 0,
             kv_done_s: 0.0,
             codec: None,
+            local_layers: 0,
             fallback: None,
             error: Some(error),
             replayed: false,
@@ -180,6 +183,7 @@ pub fn run(system: System, r: &Request) -> Sample {
                 kv_bytes: st.kv.kv_bytes as u64,
                 kv_done_s: st.kv.done_after.as_secs_f64(),
                 codec,
+                local_layers: st.kv.local_layers,
                 fallback,
                 error: None,
                 replayed: false,
@@ -204,14 +208,15 @@ fn turn(
     Ok(t.finish().1)
 }
 
-/// The fetch without pipelining: every layer is received (and decoded) before the computation gets the first.
+/// The fetch without pipelining: every layer is received (and decoded) before the computation gets the first (layers
+/// the cloud leaves to the edge are computed after that, too).
 fn fetch_everything_first(req: FetchRequest, t0: Instant) -> Result<IncomingKv, FetchError> {
     let layers = req.layers as usize;
     let mut f = fetch::start(req, t0)?;
     let mut arrived = std::collections::VecDeque::new();
-    for l in 0..layers {
+    for l in f.header.first_layer..layers {
         let kv = f.layer(l, t0).map_err(FetchError::Protocol)?;
-        let wire_bytes = f.stats.timeline[l].wire_bytes;
+        let wire_bytes = f.stats.timeline.last().map_or(0, |t| t.wire_bytes);
         arrived.push_back(ArrivedLayer {
             layer: l,
             kv,
@@ -258,6 +263,7 @@ fn cloud_only(r: &Request) -> Sample {
                 kv_bytes: 0,
                 kv_done_s: 0.0,
                 codec: None,
+                local_layers: 0,
                 fallback: None,
                 error: None,
                 replayed: false,
@@ -271,7 +277,7 @@ fn cloud_only(r: &Request) -> Sample {
 /// An edge on its own device, for runs with more edges than this machine has cores: the context's KV is fetched
 /// and decoded for real (the cloud's and the link's share), and the edge's prompt prefill and decode — which run
 /// on the user's device, not the cloud — take the time measured for one edge on this machine (`rates`), counted
-/// after the last layer arrived (no credit for pipelining).
+/// after the last layer arrived (no credit for pipelining, and every layer streams: no split).
 pub fn replayed_tandem(r: &Request, rates: &EdgeRates) -> Sample {
     let t0 = Instant::now();
     let fetched = (|| -> Result<(u64, String, Duration), String> {
@@ -307,6 +313,7 @@ pub fn replayed_tandem(r: &Request, rates: &EdgeRates) -> Sample {
                 kv_bytes,
                 kv_done_s: kv_done.as_secs_f64(),
                 codec: Some(codec),
+                local_layers: 0,
                 fallback: None,
                 error: None,
                 replayed: true,
