@@ -69,6 +69,8 @@ pub struct StatsSummary {
     pub kv_fp16_bytes: u64,
     /// The lowest context layers this edge computed itself while the others streamed.
     pub kv_local_layers: u32,
+    /// Times the KV stream broke and was resumed from where it broke.
+    pub kv_resumes: u32,
     pub decode_tokens_per_second: f64,
 }
 
@@ -92,6 +94,7 @@ impl TurnStats {
             kv_timeline: self.kv.timeline.clone(),
             kv_fp16_bytes: self.kv_fp16_bytes as u64,
             kv_local_layers: self.kv.local_layers as u32,
+            kv_resumes: self.kv.resumes as u32,
             decode_tokens_per_second: self.generate.decode_tokens_per_s(),
         }
     }
@@ -228,8 +231,10 @@ pub fn start_turn<'e>(
 type CloudFailure = (String, Option<Vec<u32>>);
 
 /// The prompt prefilled against the cloud's context as it streams in. Where the cloud left the lowest layers to
-/// this edge (`header.first_layer`), they are computed here, a layer at a time, while the others arrive. On
-/// failure: the reason, and the context's tokens when the header had arrived (so the fallback needs no local text).
+/// this edge (`header.first_layer`), they are computed here, a layer at a time, while the others arrive. A stream
+/// that breaks (dropped, stalled, a chunk failing its checksum) resumes from the layer it broke at on a new
+/// connection, up to [`MAX_RESUMES`] times. On failure: the reason, and the context's tokens when the header had
+/// arrived (so the fallback needs no local text).
 fn cloud_prefill(
     engine: &Engine,
     session: &mut Session<'_>,
@@ -277,10 +282,39 @@ fn cloud_prefill(
                 }
                 Ok(kv)
             }
-            _ => fetch.layer(l, t0),
+            _ => loop {
+                let broke = match fetch.layer(l, t0) {
+                    Ok(kv) => return Ok(kv),
+                    Err(e) if fetch.stats.resumes < MAX_RESUMES => e,
+                    Err(e) => return Err(e),
+                };
+                // Resume from this layer on a new connection: same codec, no new split, the same context.
+                let cloud = CloudContext {
+                    codec: Some(fetch.codec),
+                    ..cloud.clone()
+                };
+                let req = FetchRequest {
+                    from_layer: l as u32,
+                    ..cloud.fetch_request(engine)
+                };
+                let mut again = connect(req, t0)
+                    .map_err(|e| format!("{broke}; resuming from layer {l} failed: {e}"))?;
+                if again.header.tokens != header.tokens
+                    || again.header.positions != header.positions
+                {
+                    return Err(format!(
+                        "{broke}; on resuming, the cloud's context had changed"
+                    ));
+                }
+                again.resumes(std::mem::take(&mut fetch.stats));
+                fetch = again;
+            },
         })
         .map_err(|e| failed(e.to_string()))?;
     let mut stats = fetch.stats;
     stats.local_layers = first;
     Ok((logits, fetch.codec, stats))
 }
+
+/// How often one turn reconnects to resume a broken KV stream before it computes the context itself.
+const MAX_RESUMES: usize = 2;

@@ -41,6 +41,8 @@ pub struct FetchStats {
     pub layers: usize,
     /// The lowest layers the cloud left to this edge, computed here while the others streamed.
     pub local_layers: usize,
+    /// Times a broken stream was resumed from the layer it broke at.
+    pub resumes: usize,
     /// Per layer, in order: when the computation asked for it and when it had it.
     pub timeline: Vec<LayerTiming>,
 }
@@ -71,6 +73,19 @@ impl IncomingKv {
             },
             next,
         }
+    }
+
+    /// This fetch resumes `before`, which broke: their costs add up.
+    pub fn resumes(&mut self, before: FetchStats) {
+        let s = &mut self.stats;
+        s.header_after = before.header_after;
+        s.kv_bytes += before.kv_bytes;
+        s.layers += before.layers;
+        s.local_layers = before.local_layers;
+        s.resumes = before.resumes + 1;
+        let mut timeline = before.timeline;
+        timeline.append(&mut s.timeline);
+        s.timeline = timeline;
     }
 
     /// Waits for layer `l` (layers arrive in order); `started` is when the fetch began.

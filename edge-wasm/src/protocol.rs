@@ -38,6 +38,7 @@ impl CloudContext {
             cloud: self.clone(),
             weights: engine.model.fingerprint().to_string(),
             layers: c.n_layers as u32,
+            from_layer: 0,
             rope: RopeParams::of(c),
             codecs: Codec::ALL.to_vec(),
             prefill_tps: None,
@@ -64,8 +65,11 @@ pub struct FetchRequest {
     pub cloud: CloudContext,
     /// This edge's weights fingerprint (the cloud refuses KV of other weights).
     pub weights: String,
-    /// Layers of the edge's model (the cloud must send them all), and its rotary embedding (for the codecs).
+    /// Layers of the edge's model (the cloud must send them all, from `from_layer` on), and its rotary embedding
+    /// (for the codecs).
     pub layers: u32,
+    /// The first layer wanted: 0, or where a broken stream resumes.
+    pub from_layer: u32,
     pub rope: RopeParams,
     /// Codecs this edge accepts.
     pub codecs: Vec<Codec>,
@@ -173,7 +177,7 @@ impl KvClient {
                 self.stage = Stage::Context;
                 Ok(KvEvent::Reply(wire::encode(&Frame::Request {
                     context: self.req.cloud.context.clone(),
-                    layers: (0, self.req.layers),
+                    layers: (self.req.from_layer, self.req.layers),
                     tokens: None,
                     codec: self.req.cloud.codec,
                     edge_prefill_tps: self.req.prefill_tps.map(|r| r as f32),
@@ -191,9 +195,10 @@ impl KvClient {
                     ..
                 },
             ) => {
-                // The cloud sends every layer, or leaves the lowest to this edge.
+                // The cloud sends every layer asked for, or leaves the lowest to this edge.
                 if tokens.len() != positions.len()
                     || layers.1 != self.req.layers
+                    || layers.0 < self.req.from_layer
                     || layers.0 >= layers.1
                 {
                     return Err(FetchError::Protocol(format!(

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod browser;
 pub mod capture;
 pub mod cloud;
+pub mod faults;
 pub mod gguf_writer;
 pub mod http;
 pub mod llamacpp;

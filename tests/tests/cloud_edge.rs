@@ -13,6 +13,7 @@ use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
 use tandem_edge::fetch;
 use tandem_edge::protocol::FetchRequest;
 use tandem_tests::cloud::TestCloud;
+use tandem_tests::faults::{self, Fault};
 use tandem_tests::{capture, engine, http};
 
 const CONTEXT: &str = "tandem is a Rust system in which a small language model on the edge answers users privately and \
@@ -272,6 +273,47 @@ fn a_slow_link_leaves_the_lowest_layers_to_the_edge() {
     let (got, st) = chat_turn(e, &remote(fast), &q, &opts, |_, _| {}).unwrap();
     assert_eq!((st.kv.local_layers, st.kv.layers), (0, n));
     assert_eq!(got, want);
+}
+
+/// A KV stream that breaks mid-way — cut, or a chunk corrupted in flight — resumes from the layer it broke at on a
+/// new connection: the answer still comes from the cloud's KV and equals a local run's.
+#[test]
+fn a_broken_stream_resumes_from_the_layer_it_broke_at() {
+    let cloud = TestCloud::start(ServeOptions::default());
+    let id = cloud.register(CONTEXT);
+    let e = engine("smollm2");
+    let n = e.model.config().n_layers;
+    let q = ask("What is the mascot's name?");
+    let opts = greedy(24);
+    let local = ContextSource {
+        cloud: None,
+        text: Some(CONTEXT.into()),
+    };
+    let (want, _) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
+    // Lossless layers of this context are ~130 kB each: 300 kB in is a few layers into the stream.
+    for fault in [
+        Fault::Cut { after: 300_000 },
+        Fault::Corrupt { at: 300_000 },
+    ] {
+        let relay = faults::relay(cloud.addr, fault);
+        let mut c = cloud_context(&cloud, &id, Some(Codec::Lossless));
+        c.cloud_url = format!("http://{relay}");
+        let remote = ContextSource {
+            cloud: Some(c),
+            text: None,
+        };
+        let (got, st) = chat_turn(e, &remote, &q, &opts, |_, _| {}).unwrap();
+        assert_eq!(
+            st.source,
+            KvSource::Cloud {
+                codec: Codec::Lossless
+            },
+            "{fault:?}"
+        );
+        assert_eq!(st.kv.resumes, 1, "{fault:?}");
+        assert_eq!(st.kv.layers + st.kv.local_layers, n, "{fault:?}");
+        assert_eq!(got, want, "{fault:?}");
+    }
 }
 
 /// Top-1 agreement of a session on cloud KV in `codec` with one on exact KV, teacher-forced along the exact run's

@@ -45,6 +45,8 @@ export interface TurnStats {
   /// The lowest context layers computed here while the cloud streamed the others (the cloud splits when the link is
   /// slow enough for that to be faster).
   kv_local_layers: number;
+  /// Times the KV stream broke (dropped, stalled, a corrupt chunk) and was resumed from the layer it broke at.
+  kv_resumes: number;
   ttft_ms: number;
   kv_done_ms: number;
   /// Per context layer from the cloud, from the start of the turn: when the prefill needed it and when it had it

@@ -73,33 +73,14 @@ fn ttft_vs_context(r: &Results) -> Result<String, String> {
                 .x_label_formatter(&|x| format!("{x:.0}"))
                 .draw()
                 .map_err(err)?;
-            for (i, sys) in SYSTEMS.iter().enumerate() {
-                let points: Vec<(f64, f64)> = r
-                    .context_lengths
+            let lines = |sys: System| {
+                r.context_lengths
                     .iter()
-                    .map(|&c| (c as f64, r.median(*sys, p.name, c, |s| s.ttft_s)))
+                    .map(|&c| (c as f64, r.median(sys, p.name, c, |s| s.ttft_s)))
                     .filter(|(_, y)| y.is_finite())
-                    .collect();
-                let c = color(i);
-                chart
-                    .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
-                    .map_err(err)?
-                    .label(sys.label())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                    });
-                chart
-                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))
-                    .map_err(err)?;
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 11))
-                .draw()
-                .map_err(err)?;
+                    .collect()
+            };
+            draw_lines(&mut chart, lines, 3, 11)?;
         }
         root.present().map_err(err)?;
     }
@@ -143,33 +124,13 @@ fn throughput(r: &Results) -> Result<String, String> {
             .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()
             .map_err(err)?;
-        for (i, sys) in SYSTEMS.iter().enumerate() {
-            let points: Vec<(f64, f64)> = users
+        let lines = |sys: System| {
+            users
                 .iter()
-                .filter_map(|&u| r.run(*sys, u).map(|c| (u as f64, c.rps())))
-                .collect();
-            if points.is_empty() {
-                continue;
-            }
-            let c = color(i);
-            chart
-                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
-                .map_err(err)?
-                .label(sys.label())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
-            chart
-                .draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))
-                .map_err(err)?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+                .filter_map(|&u| r.run(sys, u).map(|c| (u as f64, c.rps())))
+                .collect()
+        };
+        draw_lines(&mut chart, lines, 4, 14)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -253,6 +214,40 @@ fn bytes_per_codec(r: &Results) -> Result<String, String> {
         root.present().map_err(err)?;
     }
     Ok(svg)
+}
+
+type LogLog<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<LogCoord<f64>, LogCoord<f64>>>;
+
+/// One line with dots per system (`points(system)`; systems without points are left out), and the legend.
+fn draw_lines<'a, 'b: 'a>(
+    chart: &mut LogLog<'a, 'b>,
+    points: impl Fn(System) -> Vec<(f64, f64)>,
+    dot: u32,
+    legend_font: u32,
+) -> Fallible {
+    for (i, sys) in SYSTEMS.iter().enumerate() {
+        let points = points(*sys);
+        if points.is_empty() {
+            continue;
+        }
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(sys.label())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, dot, c.filled())))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", legend_font))
+        .draw()
+        .map_err(err)
 }
 
 /// A log axis range around `values` (positive only).

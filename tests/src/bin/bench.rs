@@ -130,7 +130,8 @@ fn bench(args: &Args) -> Result<(), String> {
             .expect("template")
             .progress_chars("=> "),
     );
-    let say = |m: String| pb.println(m);
+    // Printed whether or not the bar is drawn (a log keeps them).
+    let say = |m: String| pb.suspend(|| println!("{m}"));
 
     pb.set_message("measuring memory bandwidth");
     let machine = machine::describe();
@@ -236,7 +237,7 @@ fn bench(args: &Args) -> Result<(), String> {
         let mut s = run(system, r);
         s.cloud_cpu_s = cloud.cpu_seconds() - cpu;
         if let Some(err) = &s.error {
-            pb.println(format!("  {} failed: {err}", system.label()));
+            pb.suspend(|| println!("  {} failed: {err}", system.label()));
         }
         s
     };
