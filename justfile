@@ -149,5 +149,11 @@ bench *args: (models "smollm2" "qwen-0.5b")
     cargo build --release -p tandem-cloud -p tandem-tests
     {{CARGO_TARGET_DIR}}/release/bench {{args}}
 
+# Fault-injection soak: 10,000 chat requests from 8 edges while connections are cut and corrupted mid-stream and the
+# cloud is killed and restarted; every answer checked (`just soak --quick`: 500 requests, two minutes).
+soak *args: (models "smollm2")
+    cargo build --release -p tandem-cloud -p tandem-tests
+    {{CARGO_TARGET_DIR}}/release/soak {{args}}
+
 # Every benchmark.
 bench-all: bench bench-decode bench-stream bench-wasm

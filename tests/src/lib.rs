@@ -18,6 +18,7 @@ pub mod http;
 pub mod llamacpp;
 pub mod parity;
 pub mod shaper;
+pub mod soak;
 
 /// A model from the cache, loaded once per test binary. Panics with the fetch command if it is missing.
 pub fn engine(name: &str) -> &'static Engine {

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 pub struct CloudProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// What it printed before listening (e.g. `context ID …` for each `--context-file`).
+    pub banner: Vec<String>,
 }
 
 /// Linux's USER_HZ: the unit of /proc's CPU times on every architecture Linux ships today.
@@ -16,6 +18,16 @@ const TICKS_PER_S: f64 = 100.0;
 impl CloudProcess {
     /// Starts `tandem serve` for `model` on `ip` (an ephemeral port) behind `prefix` (e.g. `ip netns exec NS`).
     pub fn start(model: &str, ip: IpAddr, prefix: &[String]) -> Result<CloudProcess, String> {
+        Self::start_at(model, SocketAddr::new(ip, 0), prefix, &[])
+    }
+
+    /// Starts `tandem serve` for `model` on `addr` behind `prefix`, with more `serve` arguments.
+    pub fn start_at(
+        model: &str,
+        addr: SocketAddr,
+        prefix: &[String],
+        args: &[String],
+    ) -> Result<CloudProcess, String> {
         let binary = crate::target_dir().join("release/tandem");
         if !binary.exists() {
             return Err(format!(
@@ -25,18 +37,10 @@ impl CloudProcess {
         }
         let mut argv: Vec<String> = prefix.to_vec();
         argv.push(binary.display().to_string());
-        argv.extend(
-            [
-                "serve",
-                "--model",
-                model,
-                "--addr",
-                &SocketAddr::new(ip, 0).to_string(),
-            ]
-            .map(String::from),
-        );
+        argv.extend(["serve", "--model", model, "--addr", &addr.to_string()].map(String::from));
         // Room for every context and codec of the run in memory: spilling is not what is measured.
         argv.extend(["--store-mib", "8192"].map(String::from));
+        argv.extend(args.iter().cloned());
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
             .env("RUST_LOG", "warn")
@@ -46,9 +50,11 @@ impl CloudProcess {
             .map_err(|e| format!("cannot start {}: {e}", argv.join(" ")))?;
         let stdout = child.stdout.take().expect("piped");
         let mut lines = BufReader::new(stdout).lines();
+        let mut banner = Vec::new();
         let addr = loop {
             match lines.next() {
                 Some(Ok(line)) => {
+                    banner.push(line.clone());
                     if let Some(url) = line.split("listening on http://").nth(1) {
                         break url
                             .trim()
@@ -67,11 +73,19 @@ impl CloudProcess {
         };
         // Keep draining its stdout so it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Ok(CloudProcess { child, addr })
+        Ok(CloudProcess {
+            child,
+            addr,
+            banner,
+        })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// CPU seconds (user + system) the cloud has used so far.
@@ -92,10 +106,19 @@ impl CloudProcess {
 
     /// The cloud's peak resident memory, bytes.
     pub fn peak_rss(&self) -> u64 {
+        self.status_kb("VmHWM:")
+    }
+
+    /// The cloud's resident memory now, bytes.
+    pub fn rss(&self) -> u64 {
+        self.status_kb("VmRSS:")
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
     }

@@ -59,7 +59,10 @@ fn ttft_vs_context(r: &Results) -> Result<String, String> {
         );
         for (area, p) in root.split_evenly((2, 2)).iter().zip(&r.profiles) {
             let mut chart = ChartBuilder::on(area)
-                .caption(format!("TTFT, {}", p.describe()), ("sans-serif", 16))
+                .caption(
+                    format!("TTFT, {}", super::report::heading(r, p)),
+                    ("sans-serif", 16),
+                )
                 .margin(8)
                 .x_label_area_size(32)
                 .y_label_area_size(48)
@@ -70,7 +73,10 @@ fn ttft_vs_context(r: &Results) -> Result<String, String> {
                 .light_line_style(WHITE)
                 .x_desc("shared context, tokens")
                 .y_desc("TTFT, s")
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_labels(30)
+                .y_labels(30)
+                .x_label_formatter(&sparse)
+                .y_label_formatter(&sparse)
                 .draw()
                 .map_err(err)?;
             let lines = |sys: System| {
@@ -121,7 +127,10 @@ fn throughput(r: &Results) -> Result<String, String> {
             .light_line_style(WHITE)
             .x_desc("concurrent edges")
             .y_desc("completed requests / s")
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(30)
+            .y_labels(30)
+            .x_label_formatter(&sparse)
+            .y_label_formatter(&sparse)
             .draw()
             .map_err(err)?;
         let lines = |sys: System| {
@@ -248,6 +257,17 @@ fn draw_lines<'a, 'b: 'a>(
         .label_font(("sans-serif", legend_font))
         .draw()
         .map_err(err)
+}
+
+/// A log axis's tick label, only at 1, 2 and 5 × 10^k (the others crowd).
+fn sparse(x: &f64) -> String {
+    let lead = x / 10f64.powf(x.log10().floor());
+    if [1.0, 2.0, 5.0].iter().any(|d| (lead - d).abs() < 0.01) {
+        let digits = (-x.log10().floor()).max(0.0) as usize;
+        format!("{x:.digits$}")
+    } else {
+        String::new()
+    }
 }
 
 /// A log axis range around `values` (positive only).

@@ -141,7 +141,7 @@ pub fn markdown(r: &Results) -> String {
          during the request.\n"
     );
     for p in &r.profiles {
-        let _ = writeln!(w, "### {}\n", p.describe());
+        let _ = writeln!(w, "### {}\n", heading(r, p));
         let _ = writeln!(
             w,
             "| context | system | TTFT s | time/token ms | end-to-end s | KV on the wire MB | codec | link floor s | KV done s | cloud CPU s |\n| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
@@ -301,4 +301,13 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(w, "- {n}");
     }
     m
+}
+
+/// A profile as the run had it: its loss named only where it was emulated.
+pub fn heading(r: &Results, p: &super::links::Profile) -> String {
+    if p.loss_pct > 0.0 && !r.loss_emulated {
+        format!("{} — loss not emulated", p.describe())
+    } else {
+        p.describe()
+    }
 }

@@ -1,11 +1,11 @@
 //! What a run measured, as one serialisable value, and the statistics the report draws from it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::links::Profile;
+use super::links::{PROFILES, Profile};
 use super::systems::{EdgeRates, Sample, System};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub command: String,
     pub quick: bool,
@@ -14,6 +14,8 @@ pub struct Results {
     pub weights_bytes: u64,
     pub link_emulation: String,
     pub loss_emulated: bool,
+    /// Always [`PROFILES`] (read back from them, not from the JSON).
+    #[serde(skip_deserializing, default = "all_profiles")]
     pub profiles: Vec<Profile>,
     pub context_lengths: Vec<usize>,
     /// One user at a time: every system on every link and context length.
@@ -31,7 +33,11 @@ pub struct Results {
     pub wall_s: f64,
 }
 
-#[derive(Debug, Serialize)]
+fn all_profiles() -> Vec<Profile> {
+    PROFILES.to_vec()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cores: usize,
     pub cpu: String,
@@ -39,7 +45,7 @@ pub struct Machine {
     pub memory_bandwidth_bytes_per_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CodecSize {
     pub codec: String,
     pub context_tokens: usize,
@@ -47,7 +53,7 @@ pub struct CodecSize {
     pub fp16_bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConcurrencyRun {
     pub system: System,
     pub users: usize,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, GenerateOptions};
@@ -16,7 +16,7 @@ use tandem_edge::protocol::{FetchError, FetchRequest};
 
 use super::sse::stream_chat;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum System {
     /// The context prefilled on the edge, no cloud.
     EdgeOnly,
@@ -51,7 +51,7 @@ impl System {
 }
 
 /// One request as measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub system: System,
     pub link: String,
@@ -325,7 +325,7 @@ pub fn replayed_tandem(r: &Request, rates: &EdgeRates) -> Sample {
 }
 
 /// One edge's compute speed with a context attached, measured on this machine.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct EdgeRates {
     pub prefill_tokens_per_s: f64,
     pub seconds_per_token: f64,

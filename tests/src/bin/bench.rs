@@ -44,6 +44,9 @@ struct Args {
     /// Use the in-process shaper even where network namespaces and netem work.
     #[arg(long)]
     in_process_links: bool,
+    /// Measure nothing: write the report and plots again from a run's results.json.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
 }
 
 /// A registered shared context: its nominal length, id, text, and bytes on the wire per codec.
@@ -117,6 +120,12 @@ fn main() {
 fn bench(args: &Args) -> Result<(), String> {
     let started = Instant::now();
     let p = plan(args);
+    if let Some(json) = &args.from_json {
+        let text = std::fs::read_to_string(json).map_err(|e| format!("{}: {e}", json.display()))?;
+        let results: Results =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))?;
+        return write(&results, &p.out);
+    }
     let command = format!(
         "just bench{}",
         std::env::args()
