@@ -155,5 +155,21 @@ soak *args: (models "smollm2")
     cargo build --release -p tandem-cloud -p tandem-tests
     {{CARGO_TARGET_DIR}}/release/soak {{args}}
 
+# Fuzz the parsers that take bytes from the network or disk — wire frames, KV codec payloads, GGUF files — each for
+# `seconds` (nightly Rust; installs cargo-fuzz once under the tools dir). Starts from the small committed seeds in
+# fuzz/corpus; the corpus it grows lives in {{fuzz_corpus}}. A crash stops it and is left in fuzz/artifacts.
+fuzz seconds="60":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export PATH="{{tools}}/bin:$PATH"
+    cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --root "{{tools}}"
+    for target in wire_frame kv_codec gguf; do
+      mkdir -p "{{fuzz_corpus}}/$target"
+      cargo +nightly fuzz run --fuzz-dir fuzz "$target" "{{fuzz_corpus}}/$target" "fuzz/corpus/$target" -- \
+        -max_total_time={{seconds}} -rss_limit_mb=2048 -timeout=10
+    done
+
+fuzz_corpus := env_var_or_default("TANDEM_FUZZ_CORPUS", env_var("HOME") / ".cache/tandem/fuzz-corpus")
+
 # Every benchmark.
 bench-all: bench bench-decode bench-stream bench-wasm

@@ -322,7 +322,9 @@ impl Gguf {
                     ty.block_len()
                 )));
             }
-            let size = elements / ty.block_len() as u64 * ty.block_bytes() as u64;
+            let size = (elements / ty.block_len() as u64)
+                .checked_mul(ty.block_bytes() as u64)
+                .ok_or_else(|| bad(format!("dimensions {dims:?} overflow in bytes")))?;
             let offset = data_start
                 .checked_add(rel)
                 .ok_or_else(|| bad(format!("offset {rel} overflows")))?;
