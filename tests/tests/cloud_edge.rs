@@ -9,7 +9,7 @@ use tandem_common::model::LayerwisePrefill;
 use tandem_common::quant::Precision;
 use tandem_common::sample::argmax;
 use tandem_common::tokenizer::Message;
-use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+use tandem_edge::chat::{CloudContext, ContextSource, KvSource, TurnStats, chat_turn};
 use tandem_edge::fetch;
 use tandem_edge::protocol::FetchRequest;
 use tandem_tests::cloud::TestCloud;
@@ -40,6 +40,15 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
     }
 }
 
+/// The answer to `q` with [`CONTEXT`] computed here: the reference every cloud path must match.
+fn local_answer(q: &[Message], opts: &GenerateOptions) -> (Vec<u32>, TurnStats) {
+    let local = ContextSource {
+        cloud: None,
+        text: Some(CONTEXT.into()),
+    };
+    chat_turn(engine("smollm2"), &local, q, opts, |_, _| {}).unwrap()
+}
+
 fn ask(text: &str) -> Vec<Message> {
     vec![Message::new("user", text)]
 }
@@ -54,11 +63,7 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
     let q = ask("What is the mascot's name?");
     let opts = greedy(24);
 
-    let local = ContextSource {
-        cloud: None,
-        text: Some(CONTEXT.into()),
-    };
-    let (want, st) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
+    let (want, st) = local_answer(&q, &opts);
     assert!(matches!(st.source, KvSource::Local { .. }));
     assert!(want.len() > 3);
 
@@ -236,11 +241,7 @@ fn a_slow_link_leaves_the_lowest_layers_to_the_edge() {
     let id = cloud.register(CONTEXT);
     let q = ask("What is the mascot's name?");
     let opts = greedy(24);
-    let local = ContextSource {
-        cloud: None,
-        text: Some(CONTEXT.into()),
-    };
-    let (want, _) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
+    let (want, _) = local_answer(&q, &opts);
 
     let mut slow = cloud_context(&cloud, &id, Some(Codec::Lossless));
     slow.bandwidth_bps = Some(100_000);
@@ -285,11 +286,7 @@ fn a_broken_stream_resumes_from_the_layer_it_broke_at() {
     let n = e.model.config().n_layers;
     let q = ask("What is the mascot's name?");
     let opts = greedy(24);
-    let local = ContextSource {
-        cloud: None,
-        text: Some(CONTEXT.into()),
-    };
-    let (want, _) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
+    let (want, _) = local_answer(&q, &opts);
     // Lossless layers of this context are ~130 kB each: 300 kB in is a few layers into the stream.
     for fault in [
         Fault::Cut { after: 300_000 },
