@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::rng::Rng;
+
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
     /// The connection ends after this many bytes from the server.
@@ -102,7 +104,7 @@ pub fn chaos(
     let injected = Arc::new(Injected::default());
     let counts = injected.clone();
     std::thread::spawn(move || {
-        let mut rng = Rng(seed.max(1));
+        let mut rng = Rng::new(seed);
         for client in listener.incoming().flatten() {
             counts.connections.fetch_add(1, Relaxed);
             let Ok(server) = TcpStream::connect(to) else {
@@ -123,27 +125,10 @@ pub fn chaos(
             } else {
                 None
             };
-            let jitter = Rng(rng.next());
+            let jitter = Rng::new(rng.next());
             std::thread::spawn(move || copy(client, s2, None, None));
             std::thread::spawn(move || copy(server, c2, fault, Some((jitter, jitter_ms))));
         }
     });
     (addr, injected)
-}
-
-/// xorshift64*, enough to scatter faults reproducibly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }

@@ -70,21 +70,3 @@ pub fn user_prompt(corpus: &Corpus, e: &Engine, seed: usize, n: usize) -> String
     );
     format!("Explain how this code relates to the document above:\n{snippet}")
 }
-
-/// xorshift64*: reproducible lengths without a dependency.
-pub struct Lengths(u64);
-
-impl Lengths {
-    pub fn new(seed: u64) -> Self {
-        Lengths(seed.max(1))
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn between(&mut self, lo: usize, hi: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let r = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        lo + (r % (hi - lo + 1) as u64) as usize
-    }
-}

@@ -16,8 +16,9 @@ use tandem_tests::bench::cloud_process::CloudProcess;
 use tandem_tests::bench::links::{Emulator, PROFILES, Profile};
 use tandem_tests::bench::results::{CodecSize, ConcurrencyRun, Results};
 use tandem_tests::bench::systems::{EdgeRates, Request, Sample, System, replayed_tandem, run};
-use tandem_tests::bench::workload::{Corpus, Lengths, user_prompt};
+use tandem_tests::bench::workload::{Corpus, user_prompt};
 use tandem_tests::bench::{machine, plots, report};
+use tandem_tests::rng::Rng;
 use tandem_tests::{engine, http};
 
 #[derive(Parser)]
@@ -331,7 +332,7 @@ fn bench(args: &Args) -> Result<(), String> {
         for system in [System::CloudOnly, System::TandemFull] {
             pb.set_message(format!("{n} concurrent edges, {}", system.label()));
             let addr = emulator.per_edge(cloud.addr, &link)?;
-            let mut lengths = Lengths::new(0x7a6d + n as u64);
+            let mut lengths = Rng::new(0x7a6d + n as u64);
             let requests: Vec<Request> = (0..n)
                 .map(|i| {
                     let prompt = lengths.between(p.prompt_range.0, p.prompt_range.1);
