@@ -6,7 +6,6 @@
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tandem_common::codec::{Codec, KvShape, encode_layer};
@@ -17,15 +16,24 @@ use crate::metrics::ActiveSession;
 use crate::server::{App, Served};
 use crate::store::StoredContext;
 
-/// How long an edge may stay silent before its session is closed.
-const IDLE: Duration = Duration::from_secs(60);
 /// Transfer time below which a more faithful codec than the quality floor costs the edge nothing noticeable.
 const LINK_BUDGET_S: f64 = 0.25;
 
-pub async fn serve(app: Arc<App>, socket: WebSocket) {
+/// Who opened a KV socket, before its token is checked (in `Hello`, or the upgrade request's header).
+pub struct Unchecked {
+    pub token: Option<String>,
+    pub ip: String,
+}
+
+pub async fn serve(app: Arc<App>, socket: WebSocket, caller: Unchecked) {
     let metrics = app.clone();
     let _active = ActiveSession::start(&metrics.metrics);
-    let mut s = Session { socket, app };
+    let mut s = Session {
+        socket,
+        app,
+        caller,
+        slot: None,
+    };
     if let Err(frame) = s.run().await {
         if let Frame::Error { code, message } = &frame {
             tracing::info!(?code, %message, "KV session refused");
@@ -39,6 +47,9 @@ pub async fn serve(app: Arc<App>, socket: WebSocket) {
 struct Session {
     socket: WebSocket,
     app: Arc<App>,
+    caller: Unchecked,
+    /// The client's stream slot, once its Hello is accepted.
+    slot: Option<crate::limits::Slot>,
 }
 
 /// What a `Request` frame asks for.
@@ -56,21 +67,33 @@ struct Edge<'a> {
 }
 
 impl Session {
+    /// Sends `f`, waiting while the edge's socket is full (so a slow edge holds at most this frame here), and gives
+    /// up on an edge that has not read anything for the idle limit.
     async fn send(&mut self, f: &Frame) -> Result<(), Frame> {
-        self.socket
-            .send(Message::binary(wire::encode(f)))
-            .await
-            .map_err(|e| Frame::error(ErrorCode::Internal, format!("send failed: {e}")))
+        let idle = self.app.clients.limits().idle;
+        match tokio::time::timeout(idle, self.socket.send(Message::binary(wire::encode(f)))).await {
+            Ok(sent) => {
+                sent.map_err(|e| Frame::error(ErrorCode::Internal, format!("send failed: {e}")))
+            }
+            Err(_) => {
+                self.app.metrics.stalled_sessions.fetch_add(1, Relaxed);
+                Err(Frame::error(
+                    ErrorCode::Busy,
+                    format!("the edge read nothing for {} s", idle.as_secs_f32()),
+                ))
+            }
+        }
     }
 
     /// The next frame; `None` when the edge closed the connection.
     async fn next(&mut self) -> Result<Option<Frame>, Frame> {
+        let idle = self.app.clients.limits().idle;
         loop {
-            let msg = match tokio::time::timeout(IDLE, self.socket.next()).await {
+            let msg = match tokio::time::timeout(idle, self.socket.next()).await {
                 Err(_) => {
                     return Err(Frame::error(
                         ErrorCode::BadFrame,
-                        format!("idle for {} s", IDLE.as_secs()),
+                        format!("idle for {} s", idle.as_secs_f32()),
                     ));
                 }
                 Ok(None) | Ok(Some(Err(_))) => return Ok(None),
@@ -99,7 +122,11 @@ impl Session {
         let Some(hello) = self.next().await? else {
             return Ok(());
         };
-        let edge = hello_check(&app, hello)?;
+        let (edge, client) = hello_check(&app, hello, &self.caller)?;
+        self.slot = Some(app.clients.admit(&client).map_err(|busy| {
+            app.metrics.busy.fetch_add(1, Relaxed);
+            Frame::error(ErrorCode::Busy, busy.to_string())
+        })?);
         self.send(&Frame::Welcome {
             version: PROTOCOL_VERSION,
             server: format!("tandem-cloud {}", env!("CARGO_PKG_VERSION")),
@@ -232,6 +259,13 @@ impl Session {
                 next = Some(encode(l + 1));
             }
             sent += payload.len() as u64;
+            if let Some(slot) = &self.slot {
+                let waited = self.app.clients.spend(slot, payload.len()).await;
+                self.app
+                    .metrics
+                    .rate_limited_ms
+                    .fetch_add(waited.as_millis() as u64, Relaxed);
+            }
             self.send(&Frame::LayerChunk {
                 layer: l as u32,
                 tokens: wire_range(&tokens),
@@ -291,7 +325,12 @@ fn wire_range(r: &Range<usize>) -> (u32, u32) {
     (r.start as u32, r.end as u32)
 }
 
-fn hello_check(app: &App, hello: Frame) -> Result<Edge<'_>, Frame> {
+/// The edge's Hello checked: what it runs and can decode, and the client it is (for the limits).
+fn hello_check<'a>(
+    app: &'a App,
+    hello: Frame,
+    caller: &Unchecked,
+) -> Result<(Edge<'a>, String), Frame> {
     let Frame::Hello {
         version,
         auth,
@@ -314,14 +353,14 @@ fn hello_check(app: &App, hello: Frame) -> Result<Edge<'_>, Frame> {
             ),
         ));
     }
-    if let Some(want) = &app.auth_token
-        && auth.as_deref() != Some(want.as_str())
-    {
-        return Err(Frame::error(
-            ErrorCode::Unauthorized,
-            "missing or wrong auth token",
-        ));
-    }
+    let token = auth.as_deref().or(caller.token.as_deref());
+    let client = match app.auth.check(token, crate::auth::now()) {
+        Ok(name) => name.unwrap_or_else(|| caller.ip.clone()),
+        Err(denied) => {
+            app.metrics.unauthorized.fetch_add(1, Relaxed);
+            return Err(Frame::error(ErrorCode::Unauthorized, denied.to_string()));
+        }
+    };
     let served = app.model(Some(&model)).map_err(|_| {
         Frame::error(
             ErrorCode::WrongModel,
@@ -338,11 +377,14 @@ fn hello_check(app: &App, hello: Frame) -> Result<Edge<'_>, Frame> {
     if codecs.is_empty() {
         return Err(Frame::error(ErrorCode::NoCodec, "Hello offers no codec"));
     }
-    Ok(Edge {
-        served,
-        codecs,
-        bandwidth_bps,
-    })
+    Ok((
+        Edge {
+            served,
+            codecs,
+            bandwidth_bps,
+        },
+        client,
+    ))
 }
 
 /// The codec the cloud picks: `floor` (the least faithful it allows), unless a more faithful one the edge decodes

@@ -9,8 +9,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
+pub mod auth_cli;
 pub mod codec_report;
 pub mod kv_stream;
+pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod serve_cli;
@@ -34,7 +38,11 @@ pub use server::{App, Served, routes};
 pub struct ServeOptions {
     /// Models to serve, by registry name or GGUF path; the first is the default.
     pub models: Vec<String>,
-    pub auth_token: Option<String>,
+    /// Who may call; open to all when it has no keys.
+    pub auth: auth::Auth,
+    pub limits: limits::Limits,
+    /// TLS certificate chain and private key (PEM files): serve HTTPS and WSS instead of plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Context KV kept in memory, bytes.
     pub store_bytes: usize,
     /// Where contexts evicted from memory go.
@@ -49,7 +57,9 @@ impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             models: vec!["smollm2".into()],
-            auth_token: None,
+            auth: Default::default(),
+            limits: Default::default(),
+            tls: None,
             store_bytes: 2 << 30,
             spill_dir: None,
             static_dir: None,
@@ -57,6 +67,13 @@ impl Default for ServeOptions {
             upstream: None,
         }
     }
+}
+
+/// Trusts the certificates in a PEM file for this process's `wss://` connections (to an upstream or a cloud).
+pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    tandem_edge::tls::trust_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(())
 }
 
 /// Loads the models and builds the shared state.
@@ -79,7 +96,12 @@ pub fn load_app(o: &ServeOptions) -> anyhow::Result<Arc<App>> {
         models: served,
         store: Arc::new(store),
         metrics: Default::default(),
-        auth_token: o.auth_token.clone(),
+        auth: o.auth.clone(),
+        clients: limits::Clients::new(o.limits),
+        tls: match &o.tls {
+            Some((cert, key)) => Some(listen::tls_acceptor(cert, key)?),
+            None => None,
+        },
         quality_floor: o.quality_floor,
         static_dir: o.static_dir.clone(),
         upstream: o.upstream.clone(),
@@ -93,9 +115,6 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    warp::serve(routes(app))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    let tls = app.tls.clone();
+    listen::serve(routes(app), listener, tls, shutdown).await;
 }

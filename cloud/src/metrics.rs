@@ -20,6 +20,10 @@ pub struct Metrics {
     pub completions: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub upstream_pulls: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub busy: AtomicU64,
+    pub rate_limited_ms: AtomicU64,
+    pub stalled_sessions: AtomicU64,
 }
 
 /// Counts an active KV session for as long as it lives.
@@ -41,7 +45,31 @@ impl Drop for ActiveSession<'_> {
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 19] = [
+            (
+                "tandem_unauthorized_total",
+                "counter",
+                "calls refused for a missing, wrong or expired token",
+                &self.unauthorized,
+            ),
+            (
+                "tandem_busy_total",
+                "counter",
+                "calls refused because their client held its stream limit",
+                &self.busy,
+            ),
+            (
+                "tandem_rate_limited_ms_total",
+                "counter",
+                "milliseconds KV streams waited on their client's byte-rate limit",
+                &self.rate_limited_ms,
+            ),
+            (
+                "tandem_kv_sessions_stalled_total",
+                "counter",
+                "KV sessions closed because their edge stopped reading",
+                &self.stalled_sessions,
+            ),
             (
                 "tandem_http_requests_total",
                 "counter",

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
-use crate::server::{App, HttpError, error, parse_json, respond};
+use crate::server::{App, Caller, HttpError, admit, error, parse_json, respond};
 
 /// Longest answer one request may ask for.
 const MAX_TOKENS_LIMIT: usize = 4096;
@@ -59,12 +59,18 @@ enum Event {
     Failed(String),
 }
 
-pub async fn completions(app: Arc<App>, body: bytes::Bytes) -> Result<Response, Infallible> {
-    respond(run(app, &body).await)
+pub async fn completions(
+    app: Arc<App>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Response, Infallible> {
+    respond(run(app, &caller, &body).await)
 }
 
-async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
+async fn run(app: Arc<App>, caller: &Caller, body: &[u8]) -> Result<Response, HttpError> {
     let bad = HttpError::bad_request;
+    // Held until generation ends, even when the client leaves first.
+    let slot = admit(&app, caller)?;
     let req: ChatRequest = parse_json(body)?;
     let served = app.model(req.model.as_deref())?;
     if req.messages.is_empty() {
@@ -119,6 +125,7 @@ async fn run(app: Arc<App>, body: &[u8]) -> Result<Response, HttpError> {
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let messages = req.messages;
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let result = (|| -> Result<(usize, usize, bool), String> {
             let mut session = engine.session();
             if let Some(c) = &ctx {

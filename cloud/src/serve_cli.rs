@@ -17,9 +17,31 @@ pub struct ServeArgs {
     /// Register this file as a shared context of the default model at start (repeatable); its id is printed.
     #[arg(long = "context-file")]
     pub context_files: Vec<PathBuf>,
-    /// Require this bearer token from edges.
+    /// Require tokens signed by one of these keys (a file of `<key id> <secret in hex>` lines; `tandem auth
+    /// new-key` makes one) on every call but /healthz and the static page.
+    #[arg(long, env = "TANDEM_AUTH_KEYS")]
+    pub auth_keys: Option<PathBuf>,
+    /// Also (or only) accept this one static bearer token.
     #[arg(long, env = "TANDEM_TOKEN")]
     pub token: Option<String>,
+    /// Serve HTTPS and WSS with this certificate chain (PEM; `tandem auth dev-cert` makes a self-signed one).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Streams (KV sessions, chat completions, context registrations) one client may hold open at once.
+    #[arg(long, default_value_t = 32)]
+    pub client_streams: usize,
+    /// KV bytes per second one client may be sent, MiB/s, all its streams together (default: unlimited).
+    #[arg(long)]
+    pub client_mib_per_s: Option<f64>,
+    /// Close a KV session whose edge sends nothing, or reads nothing, for this long (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    pub idle_timeout_s: f64,
+    /// Longest shared context accepted, tokens (default and most: half the model's context length).
+    #[arg(long)]
+    pub max_context_tokens: Option<usize>,
     /// Context KV kept in memory, MiB; the least recently used beyond it is spilled to --spill-dir.
     #[arg(long, default_value_t = 2048)]
     pub store_mib: usize,
@@ -34,9 +56,12 @@ pub struct ServeArgs {
     /// Pull contexts this server does not hold from this cloud and keep them: a KV cache for nearby edges.
     #[arg(long)]
     pub upstream: Option<String>,
-    /// Bearer token of the upstream cloud.
+    /// Token of the upstream cloud.
     #[arg(long, env = "TANDEM_UPSTREAM_TOKEN")]
     pub upstream_token: Option<String>,
+    /// Also trust this certificate (PEM) for an https:// upstream.
+    #[arg(long)]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// Runs a server until Ctrl-C: `tandem serve`, and `tandem-gateway serve` (named `what` in its messages).
@@ -47,9 +72,19 @@ pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(ca) = &args.upstream_ca {
+        crate::trust_ca_file(ca)?;
+    }
     let app = load_app(&ServeOptions {
         models: args.models,
-        auth_token: args.token,
+        auth: crate::auth::Auth::load(args.auth_keys.as_deref(), args.token)?,
+        limits: crate::limits::Limits {
+            streams_per_client: args.client_streams.max(1),
+            client_bytes_per_s: args.client_mib_per_s.map(|m| (m * (1 << 20) as f64) as u64),
+            idle: std::time::Duration::from_secs_f64(args.idle_timeout_s.max(0.1)),
+            max_context_tokens: args.max_context_tokens,
+        },
+        tls: args.tls_cert.zip(args.tls_key),
         store_bytes: args.store_mib << 20,
         spill_dir: args.spill_dir,
         static_dir: args.static_dir.clone(),
@@ -77,9 +112,10 @@ pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.addr))?;
         let addr = listener.local_addr()?;
-        println!("{what} listening on http://{addr}");
+        let scheme = if app.tls.is_some() { "https" } else { "http" };
+        println!("{what} listening on {scheme}://{addr}");
         if args.static_dir.is_some() {
-            println!("open http://{addr}/ in a browser");
+            println!("open {scheme}://{addr}/ in a browser");
         }
         serve(app, listener, async {
             let _ = tokio::signal::ctrl_c().await;

@@ -35,8 +35,12 @@ pub struct App {
     pub models: Vec<Served>,
     pub store: Arc<dyn ContextStore>,
     pub metrics: Metrics,
-    /// Bearer token required on the KV stream, when set.
-    pub auth_token: Option<String>,
+    /// Who may call (every route but `/healthz` and the static page, when keys are set).
+    pub auth: crate::auth::Auth,
+    /// Per-client stream and byte-rate limits.
+    pub clients: crate::limits::Clients,
+    /// Serve over TLS with this, when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The lowest-quality codec the cloud picks on its own.
     pub quality_floor: Codec,
     pub static_dir: Option<PathBuf>,
@@ -201,13 +205,18 @@ pub async fn register_context(
         .context_tokens(text)
         .map_err(|e| HttpError::bad_request(e.to_string()))?;
     // Room is left for the conversation after the context.
-    let limit = engine.model.config().context_length / 2;
+    let half = engine.model.config().context_length / 2;
+    let limit = app
+        .clients
+        .limits()
+        .max_context_tokens
+        .map_or(half, |m| m.min(half));
     if tokens.len() > limit {
         return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "context_too_long",
             format!(
-                "context is {} tokens; {} accepts at most {limit} (half its context length)",
+                "context is {} tokens; this server accepts at most {limit} for {} (half its context length is {half})",
                 tokens.len(),
                 served.name
             ),
@@ -237,9 +246,14 @@ pub async fn register_context(
     Ok((ctx, true))
 }
 
-async fn register(app: Arc<App>, body: bytes::Bytes) -> Result<Response, Infallible> {
+async fn register(
+    app: Arc<App>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Response, Infallible> {
     respond(
         async {
+            let _slot = admit(&app, &caller)?;
             let req: NewContext = parse_json(&body)?;
             let (ctx, new) = register_context(&app, req.model.as_deref(), &req.text).await?;
             let status = if new {
@@ -281,6 +295,57 @@ fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infalli
     warp::any().map(move || app.clone())
 }
 
+/// Who made a request: the client named in its signed token, else its IP address. What the limits count.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    /// The request's bearer token (the KV stream also accepts it in `Hello`).
+    pub token: Option<String>,
+}
+
+/// A refused token, answered 401.
+#[derive(Debug)]
+struct Unauthorized(crate::auth::Denied);
+impl warp::reject::Reject for Unauthorized {}
+
+/// The caller, once its token (if the server asks for one) checks out.
+fn caller(app: Arc<App>) -> impl Filter<Extract = (Caller,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::ext::optional::<crate::listen::Peer>())
+        .and_then(
+            move |header: Option<String>, peer: Option<crate::listen::Peer>| {
+                let app = app.clone();
+                async move {
+                    let token =
+                        header.map(|h| h.strip_prefix("Bearer ").unwrap_or(&h).trim().to_string());
+                    let ip = peer.map_or_else(|| "unknown".to_string(), |p| p.0.ip().to_string());
+                    match app.auth.check(token.as_deref(), crate::auth::now()) {
+                        Ok(name) => Ok(Caller {
+                            name: name.unwrap_or(ip),
+                            token,
+                        }),
+                        Err(d) => {
+                            app.metrics.unauthorized.fetch_add(1, Relaxed);
+                            Err(warp::reject::custom(Unauthorized(d)))
+                        }
+                    }
+                }
+            },
+        )
+}
+
+/// A stream slot for `caller`, or 429.
+pub fn admit(app: &App, caller: &Caller) -> Result<crate::limits::Slot, HttpError> {
+    app.clients.admit(&caller.name).map_err(|busy| {
+        app.metrics.busy.fetch_add(1, Relaxed);
+        error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            busy.to_string(),
+        )
+    })
+}
+
 /// Every route of the server.
 pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
     let count = {
@@ -294,10 +359,12 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
     let health = warp::path!("healthz")
         .and(warp::get())
         .map(|| "ok".into_response());
+    let who = caller(app.clone());
     let metrics = warp::path!("metrics")
         .and(warp::get())
+        .and(who.clone())
         .and(with_app(app.clone()))
-        .map(|app: Arc<App>| {
+        .map(|_: Caller, app: Arc<App>| {
             warp::reply::with_header(
                 app.metrics.render(),
                 "content-type",
@@ -309,23 +376,27 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
     let new_context = warp::path!("v1" / "contexts")
         .and(warp::post())
         .and(with_app(app.clone()))
+        .and(who.clone())
         .and(body)
         .and_then(register);
     let list_contexts = warp::path!("v1" / "contexts")
         .and(warp::get())
+        .and(who.clone())
         .and(with_app(app.clone()))
-        .map(|app: Arc<App>| {
+        .map(|_: Caller, app: Arc<App>| {
             warp::reply::json(&serde_json::json!({ "data": app.store.ids() })).into_response()
         });
     let get_context = warp::path!("v1" / "contexts" / String)
         .and(warp::get())
+        .and(who.clone())
         .and(with_app(app.clone()))
-        .and_then(|id, app| context_status(app, id));
+        .and_then(|id, _: Caller, app| context_status(app, id));
     let context_text = warp::path!("v1" / "contexts" / String / "text")
         .and(warp::get())
+        .and(who.clone())
         .and(with_app(app.clone()))
-        .map(
-            |id: String, app: Arc<App>| match app.context(&id).map(|c| c.record.text.clone()) {
+        .map(|id: String, _: Caller, app: Arc<App>| {
+            match app.context(&id).map(|c| c.record.text.clone()) {
                 Some(Some(text)) => {
                     warp::reply::with_header(text, "content-type", "text/plain; charset=utf-8")
                         .into_response()
@@ -342,21 +413,35 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
                     format!("no context {id:?}"),
                 )
                 .into_response(),
-            },
-        );
+            }
+        });
+    // Browsers cannot set headers on a WebSocket: the token may come in `Hello` instead, checked there.
     let kv = warp::path!("v1" / "kv")
         .and(warp::ws())
         .and(with_app(app.clone()))
-        .map(|ws: warp::ws::Ws, app: Arc<App>| {
-            ws.max_message_size(MAX_FRAME_BYTES)
-                .max_frame_size(MAX_FRAME_BYTES)
-                .on_upgrade(move |socket| crate::kv_stream::serve(app, socket))
-                .into_response()
-        });
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::ext::optional::<crate::listen::Peer>())
+        .map(
+            |ws: warp::ws::Ws,
+             app: Arc<App>,
+             header: Option<String>,
+             peer: Option<crate::listen::Peer>| {
+                let caller = crate::kv_stream::Unchecked {
+                    token: header
+                        .map(|h| h.strip_prefix("Bearer ").unwrap_or(&h).trim().to_string()),
+                    ip: peer.map_or_else(|| "unknown".to_string(), |p| p.0.ip().to_string()),
+                };
+                ws.max_message_size(MAX_FRAME_BYTES)
+                    .max_frame_size(MAX_FRAME_BYTES)
+                    .on_upgrade(move |socket| crate::kv_stream::serve(app, socket, caller))
+                    .into_response()
+            },
+        );
     let models = warp::path!("v1" / "models")
         .and(warp::get())
+        .and(who.clone())
         .and(with_app(app.clone()))
-        .map(|app: Arc<App>| {
+        .map(|_: Caller, app: Arc<App>| {
             let data: Vec<_> = app
                 .models
                 .iter()
@@ -374,6 +459,7 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
     let completions = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(with_app(app.clone()))
+        .and(who.clone())
         .and(warp::body::content_length_limit(MAX_BODY_BYTES).and(warp::body::bytes()))
         .and_then(crate::openai::completions);
 
@@ -385,8 +471,9 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
         let file = warp::path("weights")
             .and(warp::path(m.name.clone()))
             .and(warp::path::end())
+            .and(who.clone())
             .and(warp::fs::file(m.path.clone()))
-            .map(|f: warp::fs::File| f.into_response());
+            .map(|_: Caller, f: warp::fs::File| f.into_response());
         weights = file.or(weights).unify().boxed();
     }
     let statics = match &app.static_dir {
@@ -448,6 +535,19 @@ fn with_isolation_headers(mut r: Response) -> Response {
 
 /// Rejections as JSON errors that say what was wrong.
 async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
+    if let Some(Unauthorized(denied)) = r.find::<Unauthorized>() {
+        let kind = match denied {
+            crate::auth::Denied::Expired { .. } => "token_expired",
+            _ => "unauthorized",
+        };
+        let mut response =
+            error(StatusCode::UNAUTHORIZED, kind, denied.to_string()).into_response();
+        response.headers_mut().insert(
+            "www-authenticate",
+            warp::http::HeaderValue::from_static("Bearer realm=\"tandem\""),
+        );
+        return Ok(response);
+    }
     respond(Err(if r.is_not_found() {
         error(StatusCode::NOT_FOUND, "not_found", "no such route")
     } else if let Some(e) = r.find::<warp::reject::PayloadTooLarge>() {

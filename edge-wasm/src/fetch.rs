@@ -92,7 +92,14 @@ async fn converse(
     layer_tx: &LayerTx,
 ) -> Result<(), FetchError> {
     let (url, timeout) = (req.cloud.kv_url(), req.cloud.timeout);
-    let (mut ws, _) = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(url.as_str()))
+    let tls = if url.starts_with("wss://") {
+        let config = crate::tls::client_config().map_err(FetchError::Protocol)?;
+        Some(tokio_tungstenite::Connector::Rustls(config))
+    } else {
+        None
+    };
+    let connect = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, false, tls);
+    let (mut ws, _) = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| FetchError::Timeout(timeout))?
         .map_err(|e| FetchError::Unreachable {

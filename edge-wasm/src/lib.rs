@@ -20,3 +20,5 @@ mod component;
 pub mod fetch;
 pub mod incoming;
 pub mod protocol;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod tls;

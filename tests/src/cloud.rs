@@ -8,6 +8,8 @@ use tandem_cloud::{App, ServeOptions, load_app, serve};
 pub struct TestCloud {
     pub addr: SocketAddr,
     pub app: Arc<App>,
+    /// Sent by [`TestCloud::register`] and [`TestCloud::metric`], for a cloud that requires one.
+    pub token: Option<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -38,27 +40,44 @@ impl TestCloud {
         TestCloud {
             addr,
             app,
+            token: None,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.app.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Registers `text` as a context of the default model; returns its id.
     pub fn register(&self, text: &str) -> String {
         let body = serde_json::json!({ "text": text }).to_string();
-        let (status, reply) = crate::http::request(self.addr, "POST", "/v1/contexts", &body);
+        let (status, reply) = self.request("POST", "/v1/contexts", &body);
         assert!(status == 200 || status == 201, "register: {status} {reply}");
         let v: serde_json::Value = serde_json::from_str(&reply).expect("JSON");
         v["id"].as_str().expect("id").to_string()
     }
 
+    /// A request carrying [`TestCloud::token`] when set.
+    pub fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        let r = crate::http::request_with(self.addr, method, path, body, &headers);
+        (r.status, r.body)
+    }
+
     /// A counter from `/metrics`.
     pub fn metric(&self, name: &str) -> u64 {
-        let (_, text) = crate::http::request(self.addr, "GET", "/metrics", "");
+        let (_, text) = self.request("GET", "/metrics", "");
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("metric {name} missing"))

@@ -52,7 +52,7 @@ fn copy(
         }
         // One chunk in eight waits: delays vary without adding up over a long stream.
         if let Some((rng, ms)) = jitter.as_mut().filter(|(_, ms)| *ms > 0) {
-            let r = rng.next();
+            let r = rng.next_u64();
             if r % 8 == 0 {
                 std::thread::sleep(std::time::Duration::from_micros(
                     (r >> 3) % (*ms * 1000 + 1),
@@ -125,7 +125,7 @@ pub fn chaos(
             } else {
                 None
             };
-            let jitter = Rng::new(rng.next());
+            let jitter = Rng::new(rng.next_u64());
             std::thread::spawn(move || copy(client, s2, None, None));
             std::thread::spawn(move || copy(server, c2, fault, Some((jitter, jitter_ms))));
         }

@@ -5,13 +5,50 @@ use std::net::{SocketAddr, TcpStream};
 
 /// Sends one request (`Connection: close`) and returns the status and the body (de-chunked).
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let reply = request_with(addr, method, path, body, &[]);
+    (reply.status, reply.body)
+}
+
+/// A response: status, headers (names lower-cased), body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// [`request`] with extra headers (`Authorization`, `Range`, …), answering the headers too.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     )
     .expect("send");
+    read_reply(s)
+}
+
+/// Reads one response from `s`.
+pub fn read_reply(s: impl Read) -> Reply {
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).expect("status line");
@@ -20,20 +57,20 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut chunked = false;
+    let mut headers = Vec::new();
     loop {
         line.clear();
         r.read_line(&mut line).expect("header");
         if line == "\r\n" || line.is_empty() {
             break;
         }
-        if line
-            .to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-        {
-            chunked = true;
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
         }
     }
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let mut out = Vec::new();
     if chunked {
         loop {
@@ -50,5 +87,9 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, 
     } else {
         r.read_to_end(&mut out).expect("body");
     }
-    (status, String::from_utf8(out).expect("UTF-8 body"))
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&out).into_owned(),
+    }
 }

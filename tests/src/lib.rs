@@ -17,6 +17,7 @@ pub mod gguf_writer;
 pub mod http;
 pub mod llamacpp;
 pub mod parity;
+pub mod raw_ws;
 pub mod rng;
 pub mod shaper;
 pub mod soak;

@@ -14,7 +14,7 @@ use tandem_edge::fetch;
 use tandem_edge::protocol::FetchRequest;
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::faults::{self, Fault};
-use tandem_tests::{capture, engine, http};
+use tandem_tests::{capture, engine, http, raw_ws as raw};
 
 const CONTEXT: &str = "tandem is a Rust system in which a small language model on the edge answers users privately and \
 fast, because a cloud server hands it the KV cache of long shared context, computed once, compressed, and streamed \
@@ -409,44 +409,6 @@ fn quantized_codecs_agree_with_exact_kv() {
         "8-bit KV agreement {} below 99%",
         exact[0]
     );
-}
-
-mod raw {
-    //! A hand-driven WebSocket client, to send what a well-behaved edge never would.
-    use futures_util::{SinkExt, StreamExt};
-    use tandem_common::wire::{self, Frame};
-    use tokio_tungstenite::tungstenite::Message;
-
-    pub type Ws = tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >;
-
-    pub async fn connect(addr: std::net::SocketAddr) -> Ws {
-        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/kv"))
-            .await
-            .expect("connect")
-            .0
-    }
-
-    pub async fn send(ws: &mut Ws, bytes: Vec<u8>) {
-        let _ = ws.send(Message::binary(bytes)).await;
-    }
-
-    /// The next frame, or `None` once the server closed the connection (within 10 s).
-    pub async fn next(ws: &mut Ws) -> Option<Frame> {
-        loop {
-            let m = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
-                .await
-                .expect("the server answers or closes")?;
-            match m {
-                Ok(Message::Binary(b)) => {
-                    return Some(wire::decode(&b).expect("server frames decode"));
-                }
-                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                _ => return None,
-            }
-        }
-    }
 }
 
 /// Garbage, truncation, wrong version or weights, oversized frames, unknown contexts and abrupt disconnects each

@@ -36,6 +36,9 @@ enum Command {
     Chat(ChatArgs),
     /// For a real context: wire bytes per token of each KV codec and its effect on the next tokens.
     CodecReport(CodecReportArgs),
+    /// Keys and tokens for a server that requires them, and a development TLS certificate.
+    #[command(subcommand)]
+    Auth(tandem_cloud::auth_cli::AuthCommand),
 }
 
 #[derive(Parser)]
@@ -76,8 +79,12 @@ struct ChatArgs {
     /// long-lived edge the rate its last stream was delivered at).
     #[arg(long)]
     bandwidth_mbps: Option<f64>,
+    /// The token the cloud asks for (`tandem auth token`).
     #[arg(long, env = "TANDEM_TOKEN")]
     token: Option<String>,
+    /// Also trust this certificate (PEM) for an https:// cloud: a development cloud's self-signed one.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Seconds to wait for the cloud (connection, header, each layer) before computing the context locally.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
@@ -116,6 +123,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => tandem_cloud::run_server(args, "tandem cloud"),
         Command::Chat(args) => chat(args),
         Command::CodecReport(args) => codec_report(args),
+        Command::Auth(cmd) => tandem_cloud::auth_cli::run(cmd),
         Command::Models => {
             let dir = models::cache_dir();
             println!("model cache: {}", dir.display());
@@ -217,6 +225,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn chat(args: ChatArgs) -> Result<()> {
     use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+    if let Some(ca) = &args.ca {
+        tandem_cloud::trust_ca_file(ca)?;
+    }
     let path = models::resolve(&args.model)?;
     let engine = Engine::open(&path, &default_device())
         .with_context(|| format!("loading {}", path.display()))?;
