@@ -17,6 +17,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod openai;
+pub mod redis_store;
 pub mod serve_cli;
 pub mod server;
 pub mod store;
@@ -47,6 +48,8 @@ pub struct ServeOptions {
     pub store_bytes: usize,
     /// Where contexts evicted from memory go.
     pub spill_dir: Option<PathBuf>,
+    /// Share computed contexts with other replicas through this Redis (`redis://host:port`).
+    pub redis: Option<String>,
     pub static_dir: Option<PathBuf>,
     pub quality_floor: Codec,
     /// Pull contexts this server does not hold from another cloud (and keep them): a gateway for nearby edges.
@@ -62,6 +65,7 @@ impl Default for ServeOptions {
             tls: None,
             store_bytes: 2 << 30,
             spill_dir: None,
+            redis: None,
             static_dir: None,
             quality_floor: Codec::Q8,
             upstream: None,
@@ -90,11 +94,15 @@ pub fn load_app(o: &ServeOptions) -> anyhow::Result<Arc<App>> {
             engine: Arc::new(engine),
         });
     }
-    let store = store::LruStore::new(o.store_bytes, o.spill_dir.clone())
+    let local = store::LruStore::new(o.store_bytes, o.spill_dir.clone())
         .context("creating the context spill directory")?;
+    let store: Arc<dyn store::ContextStore> = match &o.redis {
+        Some(url) => Arc::new(redis_store::RedisStore::open(url, local)?),
+        None => Arc::new(local),
+    };
     Ok(Arc::new(App {
         models: served,
-        store: Arc::new(store),
+        store,
         metrics: Default::default(),
         auth: o.auth.clone(),
         clients: limits::Clients::new(o.limits),

@@ -92,7 +92,7 @@ async fn run(app: Arc<App>, caller: &Caller, body: &[u8]) -> Result<Response, Ht
     let ctx = match &req.context {
         None => None,
         Some(id) => {
-            let c = app.context(id).ok_or_else(|| {
+            let c = app.context(id).await.ok_or_else(|| {
                 error(
                     StatusCode::NOT_FOUND,
                     "context_not_found",

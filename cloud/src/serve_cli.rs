@@ -47,6 +47,9 @@ pub struct ServeArgs {
     pub store_mib: usize,
     #[arg(long)]
     pub spill_dir: Option<PathBuf>,
+    /// Share computed contexts with other replicas through Redis, e.g. redis://127.0.0.1:6379.
+    #[arg(long, env = "TANDEM_REDIS")]
+    pub redis: Option<String>,
     /// Serve these static files (the chat page) at /.
     #[arg(long)]
     pub static_dir: Option<PathBuf>,
@@ -87,6 +90,7 @@ pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
         tls: args.tls_cert.zip(args.tls_key),
         store_bytes: args.store_mib << 20,
         spill_dir: args.spill_dir,
+        redis: args.redis,
         static_dir: args.static_dir.clone(),
         quality_floor: args.quality_floor,
         upstream: args.upstream.map(|url| upstream::Upstream {

@@ -71,8 +71,8 @@ impl App {
     }
 
     /// Looks a context up, counting hits and misses.
-    pub fn context(&self, id: &str) -> Option<Arc<StoredContext>> {
-        let found = self.store.get(id);
+    pub async fn context(&self, id: &str) -> Option<Arc<StoredContext>> {
+        let found = self.stored(id).await;
         let counter = if found.is_some() {
             &self.metrics.store_hits
         } else {
@@ -80,6 +80,21 @@ impl App {
         };
         counter.fetch_add(1, Relaxed);
         found
+    }
+
+    /// The store's copy of context `id`, read off the async threads (it may come from disk or Redis).
+    pub async fn stored(&self, id: &str) -> Option<Arc<StoredContext>> {
+        let (store, id) = (self.store.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || store.get(&id))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `ctx` in the store (off the async threads: it may go to disk or Redis).
+    pub async fn keep(&self, ctx: Arc<StoredContext>) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.put(ctx)).await;
     }
 }
 
@@ -197,7 +212,7 @@ pub async fn register_context(
     let served = app.model(model)?;
     let engine = served.engine.clone();
     let id = context_id(engine.model.fingerprint(), text);
-    if let Some(c) = app.context(&id) {
+    if let Some(c) = app.context(&id).await {
         return Ok((c, false));
     }
     let tokens = engine
@@ -241,7 +256,7 @@ pub async fn register_context(
         prefill_ms,
         text: Some(text.to_string()),
     }));
-    app.store.put(ctx.clone());
+    app.keep(ctx.clone()).await;
     tracing::info!(id = %ctx.record.id, tokens = n, prefill_ms, "context registered");
     Ok((ctx, true))
 }
@@ -271,7 +286,7 @@ async fn register(
 }
 
 async fn context_status(app: Arc<App>, id: String) -> Result<Response, Infallible> {
-    let Some(c) = app.context(&id) else {
+    let Some(c) = app.context(&id).await else {
         return respond(Err(error(
             StatusCode::NOT_FOUND,
             "context_not_found",
@@ -395,25 +410,27 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(who.clone())
         .and(with_app(app.clone()))
-        .map(|id: String, _: Caller, app: Arc<App>| {
-            match app.context(&id).map(|c| c.record.text.clone()) {
-                Some(Some(text)) => {
-                    warp::reply::with_header(text, "content-type", "text/plain; charset=utf-8")
-                        .into_response()
-                }
-                Some(None) => error(
-                    StatusCode::NOT_FOUND,
-                    "context_text_unknown",
-                    format!("context {id:?} came from an upstream cloud without its text"),
-                )
-                .into_response(),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "context_not_found",
-                    format!("no context {id:?}"),
-                )
-                .into_response(),
-            }
+        .and_then(|id: String, _: Caller, app: Arc<App>| async move {
+            Ok::<_, Infallible>(
+                match app.context(&id).await.map(|c| c.record.text.clone()) {
+                    Some(Some(text)) => {
+                        warp::reply::with_header(text, "content-type", "text/plain; charset=utf-8")
+                            .into_response()
+                    }
+                    Some(None) => error(
+                        StatusCode::NOT_FOUND,
+                        "context_text_unknown",
+                        format!("context {id:?} came from an upstream cloud without its text"),
+                    )
+                    .into_response(),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "context_not_found",
+                        format!("no context {id:?}"),
+                    )
+                    .into_response(),
+                },
+            )
         });
     // Browsers cannot set headers on a WebSocket: the token may come in `Hello` instead, checked there.
     let kv = warp::path!("v1" / "kv")

@@ -32,7 +32,7 @@ impl App {
         served: &Served,
         id: &str,
     ) -> Result<Option<Arc<StoredContext>>, String> {
-        if let Some(c) = self.context(id) {
+        if let Some(c) = self.context(id).await {
             return Ok(Some(c));
         }
         let Some(up) = self.upstream.clone() else {
@@ -41,7 +41,7 @@ impl App {
         // One pull at a time: an edge that asks while another's pull of the same context is under way waits for
         // it and then finds the context here, instead of causing a second transfer.
         let _one_at_a_time = self.upstream_lock.lock().await;
-        if let Some(c) = self.store.get(id) {
+        if let Some(c) = self.stored(id).await {
             return Ok(Some(c));
         }
         let (engine, model, context) = (served.engine.clone(), served.name.clone(), id.to_string());
@@ -73,7 +73,7 @@ impl App {
         };
         self.metrics.upstream_pulls.fetch_add(1, Relaxed);
         let stored = Arc::new(StoredContext::new(record));
-        self.store.put(stored.clone());
+        self.keep(stored.clone()).await;
         Ok(Some(stored))
     }
 }

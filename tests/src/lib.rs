@@ -18,6 +18,7 @@ pub mod http;
 pub mod llamacpp;
 pub mod parity;
 pub mod raw_ws;
+pub mod redis;
 pub mod rng;
 pub mod shaper;
 pub mod soak;
