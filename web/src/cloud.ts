@@ -7,6 +7,14 @@ export interface ContextInfo {
   title?: string;
 }
 
+/// The cloud's token, from the page's `?token=` (the cloud's `--auth-keys` asks for one).
+const TOKEN = new URLSearchParams(location.search).get("token") ?? undefined;
+const AUTH: Record<string, string> = TOKEN ? { authorization: `Bearer ${TOKEN}` } : {};
+
+export function token(): string | undefined {
+  return TOKEN;
+}
+
 async function json<T>(res: Response): Promise<T> {
   const body = await res.json().catch(() => ({}));
   if (!res.ok) throw new Error(body?.error?.message ?? `HTTP ${res.status}`);
@@ -15,10 +23,10 @@ async function json<T>(res: Response): Promise<T> {
 
 /// The contexts the cloud holds for `model`.
 export async function listContexts(model: string): Promise<ContextInfo[]> {
-  const { data } = await json<{ data: string[] }>(await fetch("/v1/contexts"));
+  const { data } = await json<{ data: string[] }>(await fetch("/v1/contexts", { headers: AUTH }));
   const infos = await Promise.all(
     data.map((id) =>
-      fetch(`/v1/contexts/${id}`)
+      fetch(`/v1/contexts/${id}`, { headers: AUTH })
         .then((r) => json<ContextInfo>(r))
         .catch(() => null),
     ),
@@ -30,13 +38,13 @@ export async function listContexts(model: string): Promise<ContextInfo[]> {
 export async function registerContext(model: string, text: string): Promise<ContextInfo> {
   const res = await fetch("/v1/contexts", {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", ...AUTH },
     body: JSON.stringify({ model, text }),
   });
   return json<ContextInfo>(res);
 }
 
 export async function contextText(id: string): Promise<string | undefined> {
-  const res = await fetch(`/v1/contexts/${id}/text`);
+  const res = await fetch(`/v1/contexts/${id}/text`, { headers: AUTH });
   return res.ok ? res.text() : undefined;
 }

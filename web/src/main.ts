@@ -1,7 +1,7 @@
 // tandem's chat page: a local chat (the model runs in this browser) whose shared context's KV comes from the cloud.
 
 import { createEngine, type Engine, type LoadProgress, type TurnStats } from "@tandem/edge";
-import { contextText, listContexts, registerContext, type ContextInfo } from "./cloud.js";
+import { contextText, listContexts, registerContext, token, type ContextInfo } from "./cloud.js";
 import { deleteChat, listChats, saveChat, type Chat, type StoredMessage } from "./history.js";
 import { formatBytes, showStats } from "./panel.js";
 
@@ -48,7 +48,7 @@ function progress(p: LoadProgress): void {
 async function start(): Promise<void> {
   $("model-status").textContent = `Loading ${MODEL}…`;
   try {
-    engine = await createEngine({ cloudUrl: location.origin, model: MODEL, onProgress: progress });
+    engine = await createEngine({ cloudUrl: location.origin, model: MODEL, token: token(), onProgress: progress });
   } catch (err) {
     $("model-status").textContent = "The model could not be loaded.";
     notice(explain(err), "error");

@@ -31,7 +31,7 @@ enum Command {
     /// List the pinned models and whether they are in the cache.
     Models,
     /// Run the cloud server: shared-context KV over WebSocket, OpenAI-style chat, metrics.
-    Serve(tandem_cloud::ServeArgs),
+    Serve(Box<tandem_cloud::ServeArgs>),
     /// Chat on this machine with a shared context whose KV streams from a cloud server.
     Chat(ChatArgs),
     /// For a real context: wire bytes per token of each KV codec and its effect on the next tokens.
@@ -120,7 +120,7 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
-        Command::Serve(args) => tandem_cloud::run_server(args, "tandem cloud"),
+        Command::Serve(args) => tandem_cloud::run_server(*args, "tandem cloud"),
         Command::Chat(args) => chat(args),
         Command::CodecReport(args) => codec_report(args),
         Command::Auth(cmd) => tandem_cloud::auth_cli::run(cmd),

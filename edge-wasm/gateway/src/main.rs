@@ -25,7 +25,7 @@ enum Command {
     /// Chat through the edge component: the context's KV streams from a cloud (or this gateway's cache).
     Chat(ChatArgs),
     /// Serve nearby edges the cloud's KV protocol, pulling each context from `--upstream` once and keeping it.
-    Serve(tandem_cloud::ServeArgs),
+    Serve(Box<tandem_cloud::ServeArgs>),
     /// Run a WASI command component (`wasi:cli/run`), e.g. a test binary built for wasm32-wasip2: this is the
     /// cargo runner of `just test-wasm`.
     Run {
@@ -71,7 +71,7 @@ fn main() -> Result<()> {
             if args.upstream.is_none() {
                 bail!("a gateway needs --upstream: the cloud it caches contexts from");
             }
-            tandem_cloud::run_server(args, "tandem gateway")
+            tandem_cloud::run_server(*args, "tandem gateway")
         }
         Command::Run { component, args } => {
             let name = component.display().to_string();

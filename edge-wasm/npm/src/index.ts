@@ -26,6 +26,9 @@ export interface EngineOptions {
   /// A model name the cloud serves (`smollm2`, `qwen-0.5b`).
   model?: string;
   onProgress?: (p: LoadProgress) => void;
+  /// The cloud's token (`tandem auth token`), when it requires one: sent with the weights download and in the KV
+  /// stream's hello.
+  token?: string;
   /// `auto` (the default): the relaxed-SIMD engine where the browser runs it; `simd128`: always the plain one.
   simd?: "auto" | "simd128";
   /// Kernel threads, the engine's worker included (default: the machine's cores, at most 8). More than one needs a
@@ -52,6 +55,7 @@ export class Engine {
     private io: Worker,
     private info: EngineInfo,
     private cloudUrl: string,
+    private token: string | undefined,
   ) {
     worker.onmessage = (e: MessageEvent) => {
       const ev = e.data as EngineEvent;
@@ -78,7 +82,7 @@ export class Engine {
       messages: req.messages,
       context: ctx && {
         cloud: ctx.id
-          ? { url: this.cloudUrl, context: ctx.id, codec: ctx.codec, timeout_ms: ctx.timeoutMs }
+          ? { url: this.cloudUrl, context: ctx.id, codec: ctx.codec, timeout_ms: ctx.timeoutMs, auth: this.token }
           : undefined,
         text: ctx.text,
       },
@@ -183,7 +187,7 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
       else if (ev.type === "ready") resolve(ev.info);
       else if (ev.type === "failed") reject(new Error(ev.error));
     };
-    const init: EngineRequest = { op: "init", cloudUrl, model, io: channel.port1, simd: opts.simd ?? "auto",
+    const init: EngineRequest = { op: "init", cloudUrl, token: opts.token, model, io: channel.port1, simd: opts.simd ?? "auto",
       threads: Math.max(1, Math.min(opts.threads ?? navigator.hardwareConcurrency ?? 1, 8)) };
     worker.postMessage(init, [channel.port1]);
   }).catch((err) => {
@@ -191,7 +195,7 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
     io.terminate();
     throw err;
   });
-  return new Engine(worker, io, info, cloudUrl);
+  return new Engine(worker, io, info, cloudUrl, opts.token);
 }
 
 function finishReason(s: TurnStats, req: ChatCompletionRequest): "stop" | "length" {

@@ -42,7 +42,7 @@ scope.onmessage = (e: MessageEvent) => {
   const req = e.data as EngineRequest;
   switch (req.op) {
     case "init":
-      init(req.cloudUrl, req.model, req.io, req.simd, req.threads).catch((err) => post({ type: "failed", error: message(err) }));
+      init(req.cloudUrl, req.token, req.model, req.io, req.simd, req.threads).catch((err) => post({ type: "failed", error: message(err) }));
       return;
     case "chat":
       // One turn at a time: the model is one.
@@ -56,6 +56,7 @@ scope.onmessage = (e: MessageEvent) => {
 
 async function init(
   cloudUrl: string,
+  token: string | undefined,
   model: string,
   io: MessagePort,
   want: "auto" | "simd128",
@@ -94,7 +95,7 @@ async function init(
     weights = new Uint8Array(await cached.arrayBuffer());
     progress({ phase: "cache", loaded: weights.length, total: weights.length });
   } else {
-    weights = await download(url, expected.size);
+    weights = await download(url, expected.size, token);
   }
   progress({ phase: "load", loaded: 0, total: weights.length });
   try {
@@ -149,8 +150,8 @@ function progress(p: LoadProgress): void {
 }
 
 /// The weights, with progress events (at most one per percent).
-async function download(url: string, expectedSize: number): Promise<Uint8Array<ArrayBuffer>> {
-  const res = await fetch(url);
+async function download(url: string, expectedSize: number, token?: string): Promise<Uint8Array<ArrayBuffer>> {
+  const res = await fetch(url, token ? { headers: { authorization: `Bearer ${token}` } } : undefined);
   if (!res.ok || !res.body) throw new Error(`downloading the weights from ${url}: HTTP ${res.status}`);
   const total = Number(res.headers.get("content-length") ?? expectedSize) || expectedSize;
   if (total !== expectedSize) {
