@@ -26,7 +26,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            streams_per_client: 32,
+            streams_per_client: 64,
             client_bytes_per_s: None,
             idle: Duration::from_secs(60),
             max_context_tokens: None,

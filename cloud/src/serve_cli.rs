@@ -30,8 +30,9 @@ pub struct ServeArgs {
     /// The certificate's private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Streams (KV sessions, chat completions, context registrations) one client may hold open at once.
-    #[arg(long, default_value_t = 32)]
+    /// Streams (KV sessions, chat completions, context registrations) one client may hold open at once. A client
+    /// is the name in its token, else its IP address (edges behind one NAT share it).
+    #[arg(long, default_value_t = 64)]
     pub client_streams: usize,
     /// KV bytes per second one client may be sent, MiB/s, all its streams together (default: unlimited).
     #[arg(long)]

@@ -1,6 +1,9 @@
 //! Network faults the edge must survive, in the server → client direction: [`relay`] breaks the first connection
 //! through it (cut after some bytes, or one byte flipped) and relays every later one faithfully; [`chaos`] breaks a
-//! random share of its connections at random points and adds jitter.
+//! random share of its connections at random points and adds jitter and packet loss.
+//!
+//! Loss is emulated as TCP delivers it to the application: a lost segment is retransmitted, so the bytes behind it
+//! arrive one retransmission timeout late ([`RTO`]). (This machine's kernel has no `sch_netem` to drop real packets.)
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -9,6 +12,9 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::rng::Rng;
+
+/// Linux's minimum retransmission timeout: what one lost segment costs the stream behind it.
+pub const RTO: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
@@ -37,26 +43,34 @@ pub fn relay(to: SocketAddr, fault: Fault) -> SocketAddr {
     addr
 }
 
-/// Copies `from` → `to`, applying `fault`, each chunk delayed by up to `jitter` ms.
-fn copy(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    fault: Option<Fault>,
-    mut jitter: Option<(Rng, u64)>,
-) {
+/// Delays on a [`chaos`] connection.
+struct Noise {
+    rng: Rng,
+    jitter_ms: u64,
+    /// Probability that a chunk was "lost" and waits an [`RTO`].
+    loss: f64,
+    injected: Arc<Injected>,
+}
+
+/// Copies `from` → `to`, applying `fault` and `noise`.
+fn copy(mut from: TcpStream, mut to: TcpStream, fault: Option<Fault>, mut noise: Option<Noise>) {
     let mut buf = vec![0; 16 * 1024];
     let mut offset = 0;
     while let Ok(n) = from.read(&mut buf) {
         if n == 0 {
             break;
         }
-        // One chunk in eight waits: delays vary without adding up over a long stream.
-        if let Some((rng, ms)) = jitter.as_mut().filter(|(_, ms)| *ms > 0) {
-            let r = rng.next_u64();
-            if r % 8 == 0 {
+        if let Some(noise) = noise.as_mut() {
+            let r = noise.rng.next_u64();
+            // One chunk in eight waits: delays vary without adding up over a long stream.
+            if noise.jitter_ms > 0 && r % 8 == 0 {
                 std::thread::sleep(std::time::Duration::from_micros(
-                    (r >> 3) % (*ms * 1000 + 1),
+                    (r >> 3) % (noise.jitter_ms * 1000 + 1),
                 ));
+            }
+            if noise.rng.unit() < noise.loss {
+                noise.injected.losses.fetch_add(1, Relaxed);
+                std::thread::sleep(RTO);
             }
         }
         let chunk = &mut buf[..n];
@@ -87,16 +101,20 @@ pub struct Injected {
     pub connections: AtomicUsize,
     pub cuts: AtomicUsize,
     pub corruptions: AtomicUsize,
+    /// Chunks held back one [`RTO`] as if a segment of theirs was lost.
+    pub losses: AtomicUsize,
 }
 
 /// A relay in front of `to` where each connection, with probability `rate`, is cut or has one byte corrupted at a
-/// random point of its first `within` bytes from the server, and one chunk in eight from the server waits a random
-/// 0..=`jitter_ms` ms. Connections to a server that is down are refused, as the server's would be.
+/// random point of its first `within` bytes from the server; one chunk in eight from the server waits a random
+/// 0..=`jitter_ms` ms, and each is lost with probability `loss` (see [`RTO`]). Connections to a server that is down
+/// are refused, as the server's would be.
 pub fn chaos(
     to: SocketAddr,
     rate: f64,
     within: usize,
     jitter_ms: u64,
+    loss: f64,
     seed: u64,
 ) -> (SocketAddr, Arc<Injected>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -125,9 +143,14 @@ pub fn chaos(
             } else {
                 None
             };
-            let jitter = Rng::new(rng.next_u64());
+            let noise = Noise {
+                rng: Rng::new(rng.next_u64()),
+                jitter_ms,
+                loss,
+                injected: counts.clone(),
+            };
             std::thread::spawn(move || copy(client, s2, None, None));
-            std::thread::spawn(move || copy(server, c2, fault, Some((jitter, jitter_ms))));
+            std::thread::spawn(move || copy(server, c2, fault, Some(noise)));
         }
     });
     (addr, injected)

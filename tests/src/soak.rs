@@ -32,6 +32,8 @@ pub struct SoakConfig {
     /// Share of connections cut or corrupted mid-stream.
     pub fault_rate: f64,
     pub jitter_ms: u64,
+    /// Share of relayed chunks that stall one retransmission timeout, as a lost packet does.
+    pub loss: f64,
     /// The cloud is killed this often (`None`: never), and stays down this long.
     pub restart_every: Option<Duration>,
     pub down_for: Duration,
@@ -51,6 +53,7 @@ impl Default for SoakConfig {
             edges: 8,
             fault_rate: 0.1,
             jitter_ms: 2,
+            loss: 0.005,
             restart_every: Some(Duration::from_secs(30)),
             down_for: Duration::from_secs(2),
             context_tokens: 96,
@@ -80,6 +83,7 @@ pub struct SoakReport {
     pub connections: usize,
     pub cuts: usize,
     pub corruptions: usize,
+    pub losses: usize,
     /// (seconds since the start, cloud resident bytes), sampled twice a second while the cloud was up.
     pub cloud_memory: Vec<(f64, u64)>,
     pub wall_s: f64,
@@ -103,7 +107,8 @@ impl SoakReport {
         format!(
             "{} requests from {} edges in {:.0} s ({:.1}/s): {} right ({:.3}%): {} from the cloud, {} after resuming a \
              broken stream, {} from a local fallback; {} wrong; {} errors {:?}\n\
-             faults: {} of {} connections cut, {} corrupted, jitter ≤ {} ms; cloud killed and restarted {} times\n\
+             faults: {} of {} connections cut, {} corrupted, jitter ≤ {} ms, {} chunks lost (each {} ms late); cloud killed and restarted {} times; every call \
+             with a signed token\n\
              latency p50 {:.3} s, p99 {:.3} s, max {:.3} s; cloud memory {:.0}–{:.0} MB over the run",
             self.requests,
             self.config.edges,
@@ -121,6 +126,8 @@ impl SoakReport {
             self.connections,
             self.corruptions,
             self.config.jitter_ms,
+            self.losses,
+            faults::RTO.as_millis(),
             self.restarts,
             self.latency_p50_s,
             self.latency_p99_s,
@@ -147,7 +154,23 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
     let context = corpus.text(e, 4242, cfg.context_tokens);
     let file = crate::target_dir().join(format!("soak-context-{}.txt", std::process::id()));
     std::fs::write(&file, &context).map_err(|e| format!("{}: {e}", file.display()))?;
-    let serve_args = ["--context-file".to_string(), file.display().to_string()];
+    // Auth on, as in a deployment: the cloud checks every edge's signed token on every connection.
+    let secret = tandem_cloud::auth::new_secret().map_err(|e| e.to_string())?;
+    let keys = crate::target_dir().join(format!("soak-keys-{}", std::process::id()));
+    std::fs::write(&keys, format!("soak {secret}\n"))
+        .map_err(|e| format!("{}: {e}", keys.display()))?;
+    let key: Vec<u8> = (0..secret.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&secret[i..i + 2], 16).expect("hex"))
+        .collect();
+    let token =
+        tandem_cloud::auth::issue("soak", &key, "edges", tandem_cloud::auth::now() + 86_400);
+    let serve_args = [
+        "--context-file".to_string(),
+        file.display().to_string(),
+        "--auth-keys".to_string(),
+        keys.display().to_string(),
+    ];
 
     // The reference answers, computed here once.
     let opts = GenerateOptions {
@@ -182,8 +205,14 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
         .ok_or("the cloud printed no context id")?;
     let cloud = Mutex::new(Some(first));
     // Faults land anywhere in the stream: a lossless layer of this context is ~70 kB, all of them ~2 MB.
-    let (relay, injected) =
-        faults::chaos(cloud_addr, cfg.fault_rate, 2 << 20, cfg.jitter_ms, cfg.seed);
+    let (relay, injected) = faults::chaos(
+        cloud_addr,
+        cfg.fault_rate,
+        2 << 20,
+        cfg.jitter_ms,
+        cfg.loss,
+        cfg.seed,
+    );
 
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -196,7 +225,7 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
         context: id,
         codec: Some(Codec::Lossless),
         bandwidth_bps: None,
-        auth: None,
+        auth: Some(token),
         timeout: cfg.edge_timeout,
     };
     let restart_failed = Mutex::new(None);
@@ -293,6 +322,7 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
     });
     drop(cloud.lock().expect("cloud").take());
     let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&keys);
     if let Some(e) = restart_failed.lock().expect("flag").take() {
         return Err(format!("the cloud could not be restarted: {e}"));
     }
@@ -321,6 +351,7 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
         connections: injected.connections.load(Relaxed),
         cuts: injected.cuts.load(Relaxed),
         corruptions: injected.corruptions.load(Relaxed),
+        losses: injected.losses.load(Relaxed),
         cloud_memory: memory.into_inner().expect("memory"),
         wall_s: started.elapsed().as_secs_f64(),
     })

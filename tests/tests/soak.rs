@@ -1,5 +1,5 @@
-//! A short soak: edges chatting through a relay that cuts and corrupts a third of the connections mid-stream while
-//! the cloud is killed and restarted — every answer must still be the right one (from the cloud, resumed, or a local
+//! A short soak: edges chatting (with signed tokens) through a relay that cuts and corrupts a third of the
+//! connections mid-stream and loses packets, while the cloud is killed and restarted — every answer must still be the right one (from the cloud, resumed, or a local
 //! fallback), none wrong, no request lost.
 
 use std::time::Duration;
@@ -25,6 +25,7 @@ fn every_request_gets_the_right_answer_through_faults_and_restarts() {
     assert_eq!(r.correct(), r.requests);
     assert!(r.restarts >= 1, "{}", r.summary());
     assert!(r.cuts + r.corruptions > 0, "{}", r.summary());
+    assert!(r.losses > 0, "no loss emulated: {}", r.summary());
     assert!(
         r.correct_resumed + r.correct_local_fallback > 0,
         "no fault reached an edge: {}",

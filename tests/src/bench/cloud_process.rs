@@ -17,8 +17,10 @@ const TICKS_PER_S: f64 = 100.0;
 
 impl CloudProcess {
     /// Starts `tandem serve` for `model` on `ip` (an ephemeral port) behind `prefix` (e.g. `ip netns exec NS`).
+    /// Every simulated edge connects from the same address: the per-client stream limit must not count them as one.
     pub fn start(model: &str, ip: IpAddr, prefix: &[String]) -> Result<CloudProcess, String> {
-        Self::start_at(model, SocketAddr::new(ip, 0), prefix, &[])
+        let args = ["--client-streams".to_string(), "100000".to_string()];
+        Self::start_at(model, SocketAddr::new(ip, 0), prefix, &args)
     }
 
     /// Starts `tandem serve` for `model` on `addr` behind `prefix`, with more `serve` arguments.
