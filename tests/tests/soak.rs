@@ -1,6 +1,6 @@
 //! A short soak: edges chatting (with signed tokens) through a relay that cuts and corrupts a third of the
-//! connections mid-stream and loses packets, while the cloud is killed and restarted — every answer must still be the right one (from the cloud, resumed, or a local
-//! fallback), none wrong, no request lost.
+//! connections mid-stream and loses packets, while the cloud is killed and restarted — every answer must still be
+//! the right one (from the cloud, resumed, or a local fallback), none wrong, no request lost.
 
 use std::time::Duration;
 
