@@ -45,6 +45,11 @@ cloud *args: (models "smollm2") build
 chat context prompt cloud="http://127.0.0.1:8080" *args: build
     {{tandem}} chat --cloud {{cloud}} --context {{context}} --prompt "{{prompt}}" {{args}}
 
+# Fit the alignment of the cloud LLM's context KV to the edge SLM (fetches qwen-1.5b, ~1.1 GB): layer similarity
+# (linear CKA), a monotone layer map, ridge maps of keys and values; writes target/align (artifact, manifest, PNG).
+align *args: (models "qwen-1.5b" "qwen-0.5b") build
+    {{tandem}} align {{args}}
+
 # The edge runtime as a WebAssembly component (wasm32-wasip2) for wasmtime hosts: `wit/tandem.wit`'s `edge` world.
 component:
     rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

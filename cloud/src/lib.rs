@@ -9,6 +9,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod align;
 pub mod auth;
 pub mod auth_cli;
 pub mod codec_report;

@@ -161,7 +161,7 @@ impl RopeParams {
 
 impl Rotary<'_> {
     /// Rotates keys `[heads][tokens][head_dim]` by their positions, or back (`inverse`).
-    fn apply(&self, k: &mut [f32], s: KvShape, inverse: bool) {
+    pub fn apply(&self, k: &mut [f32], s: KvShape, inverse: bool) {
         let half = s.head_dim / 2;
         let sign = if inverse { -1.0 } else { 1.0 };
         let freqs = crate::model::rope_frequencies(self.theta, s.head_dim);

@@ -36,9 +36,30 @@ enum Command {
     Chat(ChatArgs),
     /// For a real context: wire bytes per token of each KV codec and its effect on the next tokens.
     CodecReport(CodecReportArgs),
+    /// Fit the alignment of a cloud LLM's context KV to an edge SLM: layer similarity, layer map, ridge projections.
+    Align(AlignArgs),
     /// Keys and tokens for a server that requires them, and a development TLS certificate.
     #[command(subcommand)]
     Auth(tandem_cloud::auth_cli::AuthCommand),
+}
+
+#[derive(Parser)]
+struct AlignArgs {
+    #[arg(long, default_value = "qwen-1.5b")]
+    llm: String,
+    #[arg(long, default_value = "qwen-0.5b")]
+    slm: String,
+    /// Calibration files read (a chunk from each).
+    #[arg(long, default_value_t = 12)]
+    chunks: usize,
+    /// Held-out files scored.
+    #[arg(long, default_value_t = 6)]
+    held_out: usize,
+    #[arg(long, default_value_t = 384)]
+    chunk_tokens: usize,
+    /// Where the artifact (alignment.bin), calibration.json, similarity.png and report.txt go.
+    #[arg(long, default_value = "target/align")]
+    out: PathBuf,
 }
 
 #[derive(Parser)]
@@ -124,6 +145,7 @@ fn main() -> Result<()> {
         Command::Chat(args) => chat(args),
         Command::CodecReport(args) => codec_report(args),
         Command::Auth(cmd) => tandem_cloud::auth_cli::run(cmd),
+        Command::Align(args) => align(args),
         Command::Models => {
             let dir = models::cache_dir();
             println!("model cache: {}", dir.display());
@@ -219,6 +241,43 @@ fn generate(args: GenerateArgs) -> Result<()> {
         stats.prefill_tokens_per_s(),
         stats.generated_tokens,
         stats.decode_tokens_per_s()
+    );
+    Ok(())
+}
+
+fn align(args: AlignArgs) -> Result<()> {
+    use tandem_cloud::align;
+    let open = |name: &str| -> Result<Engine> {
+        let path = models::resolve(name)?;
+        Engine::open(&path, &default_device())
+            .with_context(|| format!("loading {}", path.display()))
+    };
+    let (llm, slm) = (open(&args.llm)?, open(&args.slm)?);
+    let manifest = align::calibration::Manifest::discover()?;
+    eprintln!(
+        "calibration text: {} files ({})",
+        manifest.files.len(),
+        manifest
+            .roots
+            .iter()
+            .map(|(k, p)| format!("{k:?}: {}", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let opts = align::FitOptions {
+        calibration_chunks: args.chunks,
+        held_out_chunks: args.held_out,
+        chunk_tokens: args.chunk_tokens,
+    };
+    let t0 = Instant::now();
+    let fitted = align::fit(&llm, &slm, &manifest, opts, &mut |m| {
+        eprintln!("[{:>5.1} s] {m}", t0.elapsed().as_secs_f64())
+    })?;
+    let report = align::save(&fitted, &manifest, &args.out)?;
+    println!("{report}");
+    println!(
+        "wrote {}/{{alignment.bin, calibration.json, similarity.png, report.txt}}",
+        args.out.display()
     );
     Ok(())
 }
