@@ -50,6 +50,12 @@ chat context prompt cloud="http://127.0.0.1:8080" *args: build
 align *args: (models "qwen-1.5b" "qwen-0.5b") build
     {{tandem}} align {{args}}
 
+# Score the alignment on held-out text: perplexity and agreement with the LLM for the SLM alone, with exact cloud KV,
+# with the projected LLM KV, and split between them; writes target/eval (markdown table, JSON, SVG plot).
+eval *args: (models "qwen-1.5b" "qwen-0.5b") build
+    [ -f target/align/alignment.bin ] || {{tandem}} align
+    {{tandem}} eval {{args}}
+
 # The edge runtime as a WebAssembly component (wasm32-wasip2) for wasmtime hosts: `wit/tandem.wit`'s `edge` world.
 component:
     rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

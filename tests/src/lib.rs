@@ -22,6 +22,7 @@ pub mod redis;
 pub mod rng;
 pub mod shaper;
 pub mod soak;
+pub mod tokens;
 
 /// A model from the cache, loaded once per test binary. Panics with the fetch command if it is missing.
 pub fn engine(name: &str) -> &'static Engine {
@@ -106,4 +107,57 @@ pub fn llamacpp_fixture(model: &str) -> LlamaCppFixture {
             .expect("fixture parses");
     assert_eq!(f.model, model);
     f
+}
+
+/// Greedy answers of the small model to one question about a shared context: computed here, or with the context's
+/// KV from a cloud. Tests compare the two — a lossless cloud path must give exactly the local answer.
+pub mod answers {
+    use std::time::Duration;
+
+    use tandem_common::codec::Codec;
+    use tandem_common::engine::GenerateOptions;
+    use tandem_common::tokenizer::Message;
+    use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+
+    fn turn(source: &ContextSource, question: &str) -> (Vec<u32>, KvSource) {
+        let opts = GenerateOptions {
+            max_tokens: 16,
+            ..Default::default()
+        };
+        let q = [Message::new("user", question)];
+        let (ids, st) = chat_turn(super::engine("smollm2"), source, &q, &opts, |_, _| {})
+            .unwrap_or_else(|e| panic!("chat turn: {e}"));
+        (ids, st.source)
+    }
+
+    /// The answer with `context` prefilled on this machine.
+    pub fn local(context: &str, question: &str) -> Vec<u32> {
+        let source = ContextSource {
+            cloud: None,
+            text: Some(context.into()),
+        };
+        turn(&source, question).0
+    }
+
+    /// The answer with context `id`'s KV streamed losslessly from `cloud_url`, and where the KV came from.
+    pub fn from_cloud(
+        cloud_url: &str,
+        id: &str,
+        token: Option<String>,
+        question: &str,
+    ) -> (Vec<u32>, KvSource) {
+        let source = ContextSource {
+            cloud: Some(CloudContext {
+                cloud_url: cloud_url.into(),
+                model: "smollm2".into(),
+                context: id.into(),
+                codec: Some(Codec::Lossless),
+                bandwidth_bps: None,
+                auth: token,
+                timeout: Duration::from_secs(30),
+            }),
+            text: None,
+        };
+        turn(&source, question)
+    }
 }

@@ -155,16 +155,11 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
     let file = crate::target_dir().join(format!("soak-context-{}.txt", std::process::id()));
     std::fs::write(&file, &context).map_err(|e| format!("{}: {e}", file.display()))?;
     // Auth on, as in a deployment: the cloud checks every edge's signed token on every connection.
-    let secret = tandem_cloud::auth::new_secret().map_err(|e| e.to_string())?;
+    let key = crate::tokens::TestKey::new();
     let keys = crate::target_dir().join(format!("soak-keys-{}", std::process::id()));
-    std::fs::write(&keys, format!("soak {secret}\n"))
+    std::fs::write(&keys, format!("{}\n", key.line))
         .map_err(|e| format!("{}: {e}", keys.display()))?;
-    let key: Vec<u8> = (0..secret.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&secret[i..i + 2], 16).expect("hex"))
-        .collect();
-    let token =
-        tandem_cloud::auth::issue("soak", &key, "edges", tandem_cloud::auth::now() + 86_400);
+    let token = key.token("edges", 86_400);
     let serve_args = [
         "--context-file".to_string(),
         file.display().to_string(),

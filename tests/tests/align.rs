@@ -4,6 +4,7 @@
 //! itself, so the monotone map must be the diagonal, and the projection must reconstruct held-out KV almost exactly.
 
 use tandem_cloud::align::calibration::{Manifest, Split};
+use tandem_cloud::align::eval::{EvalOptions, evaluate};
 use tandem_cloud::align::{AlignError, Alignment, FitOptions, fit};
 use tandem_tests::engine;
 
@@ -58,6 +59,35 @@ fn self_alignment_maps_each_layer_to_itself_and_reconstructs_held_out_kv() {
         worst < 0.02 * scale,
         "projection off by {worst} (values up to {scale})"
     );
+
+    // The evaluation's plumbing: with the model as its own LLM, the exact KV, the projected KV and every split read
+    // the context as the "LLM" does.
+    let opts = EvalOptions {
+        files: 1,
+        context_tokens: 96,
+        continuation_tokens: 16,
+        splits: vec![12],
+    };
+    let results = evaluate(e, e, a, &manifest, &opts, &mut |m| eprintln!("{m}")).unwrap();
+    eprintln!(
+        "{}",
+        tandem_cloud::align::eval::markdown(&results, 1, &opts, &a.id())
+    );
+    let by = |name: &str| results.iter().find(|r| r.mode.starts_with(name)).unwrap();
+    let (exact, llm) = (by("SLM + exact"), by("LLM alone"));
+    assert!(
+        (exact.perplexity / llm.perplexity - 1.0).abs() < 1e-3,
+        "{results:?}"
+    );
+    assert_eq!(exact.agreement, 1.0);
+    for r in [by("SLM + projected"), by("split")] {
+        assert!(
+            (r.perplexity / exact.perplexity - 1.0).abs() < 0.02,
+            "{results:?}"
+        );
+        assert!(r.agreement > 0.9, "{results:?}");
+    }
+    assert!(by("split").wire_bytes_per_token < exact.wire_bytes_per_token);
 
     // The artifact: round trip, id, and refusals naming what is wrong.
     let bytes = a.to_bytes();

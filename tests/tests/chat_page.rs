@@ -52,15 +52,11 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
 fn chat_page_streams_an_answer_with_cloud_kv_and_keeps_the_model_cached() {
     let browser = Browser::find();
     // The cloud asks for a signed token: the page passes its `?token=` to every call (contexts, weights, KV).
-    let secret = tandem_cloud::auth::new_secret().unwrap();
-    let key: Vec<u8> = (0..secret.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&secret[i..i + 2], 16).unwrap())
-        .collect();
-    let token = tandem_cloud::auth::issue("k1", &key, "page", tandem_cloud::auth::now() + 3600);
+    let key = tandem_tests::tokens::TestKey::new();
+    let token = key.token("page", 3600);
     let mut cloud = TestCloud::start(ServeOptions {
         static_dir: Some(page_dir()),
-        auth: tandem_cloud::auth::Auth::from_keys_text(&format!("k1 {secret}"), None).unwrap(),
+        auth: key.auth(),
         ..Default::default()
     });
     cloud.token = Some(token.clone());

@@ -4,17 +4,15 @@
 use std::time::{Duration, Instant};
 
 use tandem_cloud::ServeOptions;
-use tandem_cloud::auth::{self, Auth};
 use tandem_cloud::limits::Limits;
 use tandem_common::codec::Codec;
-use tandem_common::engine::GenerateOptions;
-use tandem_common::tokenizer::Message;
 use tandem_common::wire::{self, ErrorCode, Frame, PROTOCOL_VERSION};
-use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+use tandem_edge::chat::{CloudContext, KvSource};
 use tandem_edge::fetch;
 use tandem_edge::protocol::FetchError;
 use tandem_tests::cloud::TestCloud;
-use tandem_tests::{engine, http, raw_ws};
+use tandem_tests::tokens::TestKey;
+use tandem_tests::{answers, engine, http, raw_ws};
 
 const CONTEXT: &str = "The lighthouse keeper's log, autumn: the lamp was lit at dusk every day; the fog horn sounded \
 on nine nights; a schooner named Marguerite anchored in the bay for two days to wait out a gale; the keeper's cat, \
@@ -22,21 +20,13 @@ Biscuit, caught four mice in the oil store.";
 
 /// A cloud that requires tokens signed by one key; returns it with a token maker (client, seconds from now).
 fn guarded(limits: Limits) -> (TestCloud, impl Fn(&str, i64) -> String) {
-    let secret = auth::new_secret().unwrap();
-    let auth = Auth::from_keys_text(&format!("k1 {secret}"), None).unwrap();
-    let key: Vec<u8> = (0..secret.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&secret[i..i + 2], 16).unwrap())
-        .collect();
+    let key = TestKey::new();
     let cloud = TestCloud::start(ServeOptions {
-        auth,
+        auth: key.auth(),
         limits,
         ..Default::default()
     });
-    let token = move |client: &str, ttl: i64| {
-        auth::issue("k1", &key, client, (auth::now() as i64 + ttl) as u64)
-    };
-    (cloud, token)
+    (cloud, move |client: &str, ttl: i64| key.token(client, ttl))
 }
 
 fn cloud_context(cloud: &TestCloud, id: &str, auth: Option<String>) -> CloudContext {
@@ -162,29 +152,15 @@ fn every_route_needs_a_valid_unexpired_token() {
     assert!(cloud.metric("tandem_unauthorized_total") >= 17);
 
     // With a good token: the cloud's lossless KV gives the local answer.
-    let e = engine("smollm2");
-    let q = vec![Message::new("user", "What is the cat called?")];
-    let opts = GenerateOptions {
-        max_tokens: 16,
-        ..Default::default()
-    };
-    let local = ContextSource {
-        cloud: None,
-        text: Some(CONTEXT.into()),
-    };
-    let (want, _) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
-    let remote = ContextSource {
-        cloud: Some(cloud_context(&cloud, &id, Some(good))),
-        text: None,
-    };
-    let (got, st) = chat_turn(e, &remote, &q, &opts, |_, _| {}).unwrap();
+    let (got, source) =
+        answers::from_cloud(&cloud.url(), &id, Some(good), "What is the cat called?");
     assert_eq!(
-        st.source,
+        source,
         KvSource::Cloud {
             codec: Codec::Lossless
         }
     );
-    assert_eq!(got, want);
+    assert_eq!(got, answers::local(CONTEXT, "What is the cat called?"));
 }
 
 /// One client holds at most its stream limit (others are unaffected), its KV comes no faster than its byte rate,

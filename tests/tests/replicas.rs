@@ -1,15 +1,11 @@
 //! Scale-out: two cloud replicas on different ports share computed context KV through a real Redis, so a context
 //! registered on one streams from the other with no second prefill.
 
-use std::time::Duration;
-
 use tandem_cloud::ServeOptions;
 use tandem_common::codec::Codec;
-use tandem_common::engine::GenerateOptions;
-use tandem_common::tokenizer::Message;
-use tandem_edge::chat::{CloudContext, ContextSource, KvSource, chat_turn};
+use tandem_edge::chat::KvSource;
+use tandem_tests::answers;
 use tandem_tests::cloud::TestCloud;
-use tandem_tests::engine;
 use tandem_tests::redis::TestRedis;
 
 const CONTEXT: &str = "Station log, week 12: the wind turbine on the north ridge was serviced on Tuesday; the \
@@ -33,37 +29,18 @@ fn a_context_registered_on_one_replica_streams_from_another_without_a_second_pre
     let (status, list) = b.request("GET", "/v1/contexts", "");
     assert_eq!(status, 200);
     assert!(list.contains(&id), "{list}");
-    let e = engine("smollm2");
-    let q = vec![Message::new("user", "Who fixed the antenna?")];
-    let opts = GenerateOptions {
-        max_tokens: 16,
-        ..Default::default()
-    };
-    let local = ContextSource {
-        cloud: None,
-        text: Some(CONTEXT.into()),
-    };
-    let (want, _) = chat_turn(e, &local, &q, &opts, |_, _| {}).unwrap();
-    let from_b = ContextSource {
-        cloud: Some(CloudContext {
-            cloud_url: b.url(),
-            model: "smollm2".into(),
-            context: id.clone(),
-            codec: Some(Codec::Lossless),
-            bandwidth_bps: None,
-            auth: None,
-            timeout: Duration::from_secs(30),
-        }),
-        text: None,
-    };
-    let (got, st) = chat_turn(e, &from_b, &q, &opts, |_, _| {}).unwrap();
+    let (got, source) = answers::from_cloud(&b.url(), &id, None, "Who fixed the antenna?");
     assert_eq!(
-        st.source,
+        source,
         KvSource::Cloud {
             codec: Codec::Lossless
         }
     );
-    assert_eq!(got, want, "the KV shared through Redis changed the answer");
+    assert_eq!(
+        got,
+        answers::local(CONTEXT, "Who fixed the antenna?"),
+        "the KV shared through Redis changed the answer"
+    );
 
     // Registering the same text on b finds it too.
     let (status, _) = b.request(

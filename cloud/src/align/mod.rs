@@ -5,6 +5,7 @@
 
 pub mod artifact;
 pub mod calibration;
+pub mod eval;
 pub mod features;
 pub mod fit;
 pub mod heatmap;

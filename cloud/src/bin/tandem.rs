@@ -38,6 +38,8 @@ enum Command {
     CodecReport(CodecReportArgs),
     /// Fit the alignment of a cloud LLM's context KV to an edge SLM: layer similarity, layer map, ridge projections.
     Align(AlignArgs),
+    /// Score, on held-out text, what the SLM gets from the LLM's projected KV in each mode (perplexity, agreement).
+    Eval(EvalArgs),
     /// Keys and tokens for a server that requires them, and a development TLS certificate.
     #[command(subcommand)]
     Auth(tandem_cloud::auth_cli::AuthCommand),
@@ -59,6 +61,29 @@ struct AlignArgs {
     chunk_tokens: usize,
     /// Where the artifact (alignment.bin), calibration.json, similarity.png and report.txt go.
     #[arg(long, default_value = "target/align")]
+    out: PathBuf,
+}
+
+#[derive(Parser)]
+struct EvalArgs {
+    #[arg(long, default_value = "qwen-1.5b")]
+    llm: String,
+    #[arg(long, default_value = "qwen-0.5b")]
+    slm: String,
+    /// The artifact `tandem align` wrote.
+    #[arg(long, default_value = "target/align/alignment.bin")]
+    alignment: PathBuf,
+    #[arg(long, default_value_t = 6)]
+    files: usize,
+    #[arg(long, default_value_t = 256)]
+    context_tokens: usize,
+    #[arg(long, default_value_t = 48)]
+    continuation_tokens: usize,
+    /// Split points: the SLM computes this many lowest layers, the rest come projected (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [6, 12, 18])]
+    splits: Vec<usize>,
+    /// Where eval.md, eval.json and perplexity.svg go.
+    #[arg(long, default_value = "target/eval")]
     out: PathBuf,
 }
 
@@ -146,6 +171,7 @@ fn main() -> Result<()> {
         Command::CodecReport(args) => codec_report(args),
         Command::Auth(cmd) => tandem_cloud::auth_cli::run(cmd),
         Command::Align(args) => align(args),
+        Command::Eval(args) => eval(args),
         Command::Models => {
             let dir = models::cache_dir();
             println!("model cache: {}", dir.display());
@@ -277,6 +303,50 @@ fn align(args: AlignArgs) -> Result<()> {
     println!("{report}");
     println!(
         "wrote {}/{{alignment.bin, calibration.json, similarity.png, report.txt}}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    use tandem_cloud::align::{self, eval};
+    let alignment = align::Alignment::load(&args.alignment)
+        .with_context(|| format!("{} (run `just align` first)", args.alignment.display()))?;
+    let open = |name: &str| -> Result<Engine> {
+        let path = models::resolve(name)?;
+        Engine::open(&path, &default_device())
+            .with_context(|| format!("loading {}", path.display()))
+    };
+    let (llm, slm) = (open(&args.llm)?, open(&args.slm)?);
+    let manifest = align::calibration::Manifest::discover()?;
+    anyhow::ensure!(
+        manifest.hash() == alignment.calibration,
+        "this machine's calibration text differs from the alignment's (manifest {} vs {}): its held-out set may \
+         overlap the files it was fitted on; refit with `just align`",
+        &manifest.hash()[..16],
+        &alignment.calibration[..16.min(alignment.calibration.len())]
+    );
+    let opts = eval::EvalOptions {
+        files: args.files,
+        context_tokens: args.context_tokens,
+        continuation_tokens: args.continuation_tokens,
+        splits: args.splits,
+    };
+    let t0 = Instant::now();
+    let results = eval::evaluate(&llm, &slm, &alignment, &manifest, &opts, &mut |m| {
+        eprintln!("[{:>5.1} s] {m}", t0.elapsed().as_secs_f64())
+    })?;
+    let table = eval::markdown(&results, opts.files, &opts, &alignment.id());
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("eval.md"), &table)?;
+    std::fs::write(
+        args.out.join("eval.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(args.out.join("perplexity.svg"), eval::svg(&results))?;
+    println!("{table}");
+    println!(
+        "wrote {}/{{eval.md, eval.json, perplexity.svg}}",
         args.out.display()
     );
     Ok(())
