@@ -229,10 +229,15 @@ pub fn markdown(
             || r.mode == "LLM alone"
         {
             String::new()
-        } else if r.perplexity > exact {
-            format!("worse ({:+.1}%)", 100.0 * (r.perplexity / exact - 1.0))
         } else {
-            format!("better ({:+.1}%)", 100.0 * (r.perplexity / exact - 1.0))
+            let change = 100.0 * (r.perplexity / exact - 1.0);
+            // Within a percent is within the noise of a few thousand scored tokens.
+            let word = match change {
+                c if c.abs() < 1.0 => "about the same",
+                c if c > 0.0 => "worse",
+                _ => "better",
+            };
+            format!("{word} ({change:+.1}%)")
         };
         let _ = writeln!(
             out,
