@@ -19,7 +19,8 @@ use crate::store::StoredContext;
 /// Transfer time below which a more faithful codec than the quality floor costs the edge nothing noticeable.
 const LINK_BUDGET_S: f64 = 0.25;
 
-/// Who opened a KV socket, before its token is checked (in `Hello`, or the upgrade request's header).
+/// Who made a request, before its token is checked: the bearer token of its `Authorization` header and its IP
+/// address. (A KV socket's token may come in `Hello` instead, and is checked there.)
 pub struct Unchecked {
     pub token: Option<String>,
     pub ip: String,

@@ -16,6 +16,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
+use crate::kv_stream::Unchecked;
 use crate::metrics::Metrics;
 use crate::store::{ContextRecord, ContextStore, StoredContext, context_id};
 
@@ -314,8 +315,6 @@ fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infalli
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub name: String,
-    /// The request's bearer token (the KV stream also accepts it in `Hello`).
-    pub token: Option<String>,
 }
 
 /// A refused token, answered 401.
@@ -323,30 +322,34 @@ pub struct Caller {
 struct Unauthorized(crate::auth::Denied);
 impl warp::reject::Reject for Unauthorized {}
 
-/// The caller, once its token (if the server asks for one) checks out.
-fn caller(app: Arc<App>) -> impl Filter<Extract = (Caller,), Error = warp::Rejection> + Clone {
+/// A request's bearer token and address, not yet checked.
+fn unchecked() -> impl Filter<Extract = (Unchecked,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and(warp::ext::optional::<crate::listen::Peer>())
-        .and_then(
-            move |header: Option<String>, peer: Option<crate::listen::Peer>| {
-                let app = app.clone();
-                async move {
-                    let token =
-                        header.map(|h| h.strip_prefix("Bearer ").unwrap_or(&h).trim().to_string());
-                    let ip = peer.map_or_else(|| "unknown".to_string(), |p| p.0.ip().to_string());
-                    match app.auth.check(token.as_deref(), crate::auth::now()) {
-                        Ok(name) => Ok(Caller {
-                            name: name.unwrap_or(ip),
-                            token,
-                        }),
-                        Err(d) => {
-                            app.metrics.unauthorized.fetch_add(1, Relaxed);
-                            Err(warp::reject::custom(Unauthorized(d)))
-                        }
-                    }
-                }
+        .map(
+            |header: Option<String>, peer: Option<crate::listen::Peer>| Unchecked {
+                token: header.map(|h| h.strip_prefix("Bearer ").unwrap_or(&h).trim().to_string()),
+                ip: peer.map_or_else(|| "unknown".to_string(), |p| p.0.ip().to_string()),
             },
         )
+}
+
+/// The caller, once its token (if the server asks for one) checks out.
+fn caller(app: Arc<App>) -> impl Filter<Extract = (Caller,), Error = warp::Rejection> + Clone {
+    unchecked().and_then(move |u: Unchecked| {
+        let app = app.clone();
+        async move {
+            match app.auth.check(u.token.as_deref(), crate::auth::now()) {
+                Ok(name) => Ok(Caller {
+                    name: name.unwrap_or(u.ip),
+                }),
+                Err(d) => {
+                    app.metrics.unauthorized.fetch_add(1, Relaxed);
+                    Err(warp::reject::custom(Unauthorized(d)))
+                }
+            }
+        }
+    })
 }
 
 /// A stream slot for `caller`, or 429.
@@ -436,24 +439,13 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
     let kv = warp::path!("v1" / "kv")
         .and(warp::ws())
         .and(with_app(app.clone()))
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::ext::optional::<crate::listen::Peer>())
-        .map(
-            |ws: warp::ws::Ws,
-             app: Arc<App>,
-             header: Option<String>,
-             peer: Option<crate::listen::Peer>| {
-                let caller = crate::kv_stream::Unchecked {
-                    token: header
-                        .map(|h| h.strip_prefix("Bearer ").unwrap_or(&h).trim().to_string()),
-                    ip: peer.map_or_else(|| "unknown".to_string(), |p| p.0.ip().to_string()),
-                };
-                ws.max_message_size(MAX_FRAME_BYTES)
-                    .max_frame_size(MAX_FRAME_BYTES)
-                    .on_upgrade(move |socket| crate::kv_stream::serve(app, socket, caller))
-                    .into_response()
-            },
-        );
+        .and(unchecked())
+        .map(|ws: warp::ws::Ws, app: Arc<App>, caller: Unchecked| {
+            ws.max_message_size(MAX_FRAME_BYTES)
+                .max_frame_size(MAX_FRAME_BYTES)
+                .on_upgrade(move |socket| crate::kv_stream::serve(app, socket, caller))
+                .into_response()
+        });
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(who.clone())
