@@ -139,6 +139,19 @@ pub mod answers {
         turn(&source, question).0
     }
 
+    /// Context `id` of the small model on `cloud_url`, asked for losslessly with `token`.
+    pub fn cloud_context(cloud_url: &str, id: &str, token: Option<String>) -> CloudContext {
+        CloudContext {
+            cloud_url: cloud_url.into(),
+            model: "smollm2".into(),
+            context: id.into(),
+            codec: Some(Codec::Lossless),
+            bandwidth_bps: None,
+            auth: token,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
     /// The answer with context `id`'s KV streamed losslessly from `cloud_url`, and where the KV came from.
     pub fn from_cloud(
         cloud_url: &str,
@@ -147,15 +160,7 @@ pub mod answers {
         question: &str,
     ) -> (Vec<u32>, KvSource) {
         let source = ContextSource {
-            cloud: Some(CloudContext {
-                cloud_url: cloud_url.into(),
-                model: "smollm2".into(),
-                context: id.into(),
-                codec: Some(Codec::Lossless),
-                bandwidth_bps: None,
-                auth: token,
-                timeout: Duration::from_secs(30),
-            }),
+            cloud: Some(cloud_context(cloud_url, id, token)),
             text: None,
         };
         turn(&source, question)

@@ -71,8 +71,10 @@ fn self_alignment_maps_each_layer_to_itself_and_reconstructs_held_out_kv() {
     let results = evaluate(e, e, a, &manifest, &opts, &mut |m| eprintln!("{m}")).unwrap();
     eprintln!(
         "{}",
-        tandem_cloud::align::eval::markdown(&results, 1, &opts, &a.id())
+        tandem_cloud::align::eval::markdown(&results, &opts, &a.id())
     );
+    assert_eq!(results.files, 1);
+    let results = results.modes;
     let by = |name: &str| results.iter().find(|r| r.mode.starts_with(name)).unwrap();
     let (exact, llm) = (by("SLM + exact"), by("LLM alone"));
     assert!(

@@ -30,15 +30,7 @@ fn guarded(limits: Limits) -> (TestCloud, impl Fn(&str, i64) -> String) {
 }
 
 fn cloud_context(cloud: &TestCloud, id: &str, auth: Option<String>) -> CloudContext {
-    CloudContext {
-        cloud_url: cloud.url(),
-        model: "smollm2".into(),
-        context: id.into(),
-        codec: Some(Codec::Lossless),
-        bandwidth_bps: None,
-        auth,
-        timeout: Duration::from_secs(30),
-    }
+    answers::cloud_context(&cloud.url(), id, auth)
 }
 
 fn hello(auth: Option<String>) -> Vec<u8> {

@@ -46,6 +46,13 @@ pub struct ModeResult {
     pub edge_compute_ms: f64,
 }
 
+/// What [`evaluate`] measured, over the held-out files it could use (at most `EvalOptions::files`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub files: usize,
+    pub modes: Vec<ModeResult>,
+}
+
 /// Negative log-likelihood sum, count, and the top token at each scored position.
 #[derive(Clone)]
 struct Scored {
@@ -106,7 +113,7 @@ pub fn evaluate(
     manifest: &Manifest,
     o: &EvalOptions,
     progress: &mut dyn FnMut(&str),
-) -> anyhow::Result<Vec<ModeResult>> {
+) -> anyhow::Result<Evaluation> {
     alignment.check_models(llm.model.fingerprint(), slm.model.fingerprint())?;
     let n_layers = slm.model.config().n_layers;
     let f16_layer =
@@ -186,7 +193,7 @@ pub fn evaluate(
         files += 1;
     }
     anyhow::ensure!(files > 0, "no held-out file holds {need} tokens");
-    Ok(modes
+    let modes = modes
         .into_iter()
         .enumerate()
         .map(|(i, (mode, bytes))| ModeResult {
@@ -196,16 +203,13 @@ pub fn evaluate(
             wire_bytes_per_token: bytes,
             edge_compute_ms: compute[i] / files as f64,
         })
-        .collect())
+        .collect();
+    Ok(Evaluation { files, modes })
 }
 
 /// The results as a markdown table, with the honesty rule applied: modes worse than the SLM with its own KV say so.
-pub fn markdown(
-    results: &[ModeResult],
-    files: usize,
-    o: &EvalOptions,
-    alignment_id: &str,
-) -> String {
+pub fn markdown(e: &Evaluation, o: &EvalOptions, alignment_id: &str) -> String {
+    let (results, files) = (&e.modes, e.files);
     let exact = results
         .iter()
         .find(|r| r.mode.starts_with("SLM + exact"))

@@ -271,14 +271,15 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A model by registry name or GGUF path, loaded on the default device.
+fn open_model(name: &str) -> Result<Engine> {
+    let path = models::resolve(name)?;
+    Engine::open(&path, &default_device()).with_context(|| format!("loading {}", path.display()))
+}
+
 fn align(args: AlignArgs) -> Result<()> {
     use tandem_cloud::align;
-    let open = |name: &str| -> Result<Engine> {
-        let path = models::resolve(name)?;
-        Engine::open(&path, &default_device())
-            .with_context(|| format!("loading {}", path.display()))
-    };
-    let (llm, slm) = (open(&args.llm)?, open(&args.slm)?);
+    let (llm, slm) = (open_model(&args.llm)?, open_model(&args.slm)?);
     let manifest = align::calibration::Manifest::discover()?;
     eprintln!(
         "calibration text: {} files ({})",
@@ -312,18 +313,14 @@ fn eval(args: EvalArgs) -> Result<()> {
     use tandem_cloud::align::{self, eval};
     let alignment = align::Alignment::load(&args.alignment)
         .with_context(|| format!("{} (run `just align` first)", args.alignment.display()))?;
-    let open = |name: &str| -> Result<Engine> {
-        let path = models::resolve(name)?;
-        Engine::open(&path, &default_device())
-            .with_context(|| format!("loading {}", path.display()))
-    };
-    let (llm, slm) = (open(&args.llm)?, open(&args.slm)?);
+    let (llm, slm) = (open_model(&args.llm)?, open_model(&args.slm)?);
     let manifest = align::calibration::Manifest::discover()?;
+    let here = manifest.hash();
     anyhow::ensure!(
-        manifest.hash() == alignment.calibration,
+        here == alignment.calibration,
         "this machine's calibration text differs from the alignment's (manifest {} vs {}): its held-out set may \
          overlap the files it was fitted on; refit with `just align`",
-        &manifest.hash()[..16],
+        &here[..16],
         &alignment.calibration[..16.min(alignment.calibration.len())]
     );
     let opts = eval::EvalOptions {
@@ -336,14 +333,14 @@ fn eval(args: EvalArgs) -> Result<()> {
     let results = eval::evaluate(&llm, &slm, &alignment, &manifest, &opts, &mut |m| {
         eprintln!("[{:>5.1} s] {m}", t0.elapsed().as_secs_f64())
     })?;
-    let table = eval::markdown(&results, opts.files, &opts, &alignment.id());
+    let table = eval::markdown(&results, &opts, &alignment.id());
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("eval.md"), &table)?;
     std::fs::write(
         args.out.join("eval.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    std::fs::write(args.out.join("perplexity.svg"), eval::svg(&results))?;
+    std::fs::write(args.out.join("perplexity.svg"), eval::svg(&results.modes))?;
     println!("{table}");
     println!(
         "wrote {}/{{eval.md, eval.json, perplexity.svg}}",
@@ -357,9 +354,7 @@ fn chat(args: ChatArgs) -> Result<()> {
     if let Some(ca) = &args.ca {
         tandem_cloud::trust_ca_file(ca)?;
     }
-    let path = models::resolve(&args.model)?;
-    let engine = Engine::open(&path, &default_device())
-        .with_context(|| format!("loading {}", path.display()))?;
+    let engine = open_model(&args.model)?;
     let cloud = match (&args.cloud, &args.context) {
         (Some(url), Some(id)) => Some(CloudContext {
             cloud_url: url.clone(),
@@ -422,9 +417,7 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
         "q8" => Precision::Q8,
         other => bail!("--precision is f32 or q8, not {other:?}"),
     };
-    let path = models::resolve(&args.model)?;
-    let engine = Engine::open(&path, &default_device())
-        .with_context(|| format!("loading {}", path.display()))?;
+    let engine = open_model(&args.model)?;
     let text = match &args.context_file {
         Some(f) => {
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
