@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tandem_common::codec::{Codec, RopeParams, decode_layer, encode_layer};
+use tandem_common::codec::{Codec, RopeParams, decode_layer, encode_layer_weighted};
 use tandem_common::engine::{Engine, EngineError};
 use tandem_common::kv::KvState;
 use tandem_common::quant::Precision;
@@ -23,15 +23,16 @@ pub struct CodecRow {
     pub decode_ms: f64,
 }
 
-/// Measures every codec on the KV of `context` (as a system message) for `questions`, `steps` tokens each.
+/// Measures `codecs` on the KV of `context` (as a system message) for `questions`, `steps` tokens each.
 pub fn codec_report(
     engine: &Engine,
     context: &str,
     questions: &[&str],
     steps: usize,
     precision: Precision,
+    codecs: &[Codec],
 ) -> Result<Vec<CodecRow>, EngineError> {
-    let exact = engine.prefill_kv(&engine.tokenizer.context_tokens(context)?)?;
+    let (exact, energy) = engine.prefill_context(&engine.tokenizer.context_tokens(context)?)?;
     let mut references = Vec::new();
     for q in questions {
         let prompt = engine
@@ -48,12 +49,13 @@ pub fn codec_report(
     let f16_bytes = (exact.layers.len() * 2 * shape.values().unwrap_or(0) * 2) as f64;
     let rotary = RopeParams::of(engine.model.config()).at(&exact.positions);
     let mut rows = Vec::new();
-    for codec in Codec::ALL {
+    for &codec in codecs {
         let t = Instant::now();
         let encoded: Vec<Vec<u8>> = exact
             .layers
             .iter()
-            .map(|l| encode_layer(codec, shape, Some(rotary), l))
+            .zip(&energy.layers)
+            .map(|(l, w)| encode_layer_weighted(codec, shape, Some(rotary), Some(w), l))
             .collect();
         let encode_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();

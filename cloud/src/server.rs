@@ -240,7 +240,7 @@ pub async fn register_context(
     }
     let t0 = Instant::now();
     let n = tokens.len();
-    let kv = tokio::task::spawn_blocking(move || engine.prefill_kv(&tokens))
+    let (kv, energy) = tokio::task::spawn_blocking(move || engine.prefill_context(&tokens))
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| HttpError::bad_request(e.to_string()))?;
@@ -256,6 +256,7 @@ pub async fn register_context(
         kv,
         prefill_ms,
         text: Some(text.to_string()),
+        query_energy: Some(energy),
     }));
     app.keep(ctx.clone()).await;
     tracing::info!(id = %ctx.record.id, tokens = n, prefill_ms, "context registered");

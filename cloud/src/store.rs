@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tandem_common::codec::{Codec, KvShape, RopeParams, encode_layer};
-use tandem_common::kv::KvState;
+use tandem_common::codec::{Codec, KvShape, RopeParams, encode_layer_weighted};
+use tandem_common::kv::{KvState, LayerKv};
+use tandem_common::model::QueryEnergy;
 
 /// A context's id: a hash over the weights it was computed with and its text.
 pub fn context_id(weights_fingerprint: &str, text: &str) -> String {
@@ -35,6 +36,9 @@ pub struct ContextRecord {
     pub prefill_ms: u64,
     /// The context's text, for edges that compute it themselves (unknown for contexts pulled from an upstream).
     pub text: Option<String>,
+    /// How strongly the context's queries read each key channel pair, measured by this server's prefill (unknown
+    /// for contexts pulled from an upstream): the `pca` codecs weight key errors by it.
+    pub query_energy: Option<QueryEnergy>,
 }
 
 /// Encoded layers by codec and layer.
@@ -75,14 +79,28 @@ impl StoredContext {
             return e.clone();
         }
         let kv = &self.record.kv;
-        let e = Arc::new(encode_layer(
-            codec,
-            self.shape(),
-            Some(self.record.rope.at(&kv.positions)),
-            &kv.layers[layer],
-        ));
+        let e = Arc::new(self.encode(codec, layer, self.shape(), &kv.positions, &kv.layers[layer]));
         self.lock().insert((codec, layer), e.clone());
         e
+    }
+
+    /// Encodes `data`, layer `layer` of this context (or a token slice of it at `positions`).
+    pub fn encode(
+        &self,
+        codec: Codec,
+        layer: usize,
+        shape: KvShape,
+        positions: &[u32],
+        data: &LayerKv,
+    ) -> Vec<u8> {
+        let weights = self.record.query_energy.as_ref();
+        encode_layer_weighted(
+            codec,
+            shape,
+            Some(self.record.rope.at(positions)),
+            weights.and_then(|e| e.layers.get(layer)).map(Vec::as_slice),
+            data,
+        )
     }
 
     /// Bytes on the wire for the whole context in `codec`.
@@ -253,6 +271,7 @@ mod tests {
             id: id.into(),
             model: "m".into(),
             text: None,
+            query_energy: None,
             kv: KvState {
                 model: "fp".into(),
                 first_layer: 0,

@@ -63,6 +63,7 @@ impl App {
                     rope: RopeParams::of(engine.model.config()),
                     prefill_ms: 0,
                     text: None,
+                    query_energy: None,
                 })
             })
         })

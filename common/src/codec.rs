@@ -4,7 +4,8 @@
 //! tokens; rotary outlier channels would ruin a per-token scale) and **values per token**, each group of
 //! [`GROUP`] values with an f16 minimum and step, codes bit-packed at 8, 4 or 2 bits. Float codecs
 //! (`lossless` = the exact f32 bits, `f16`) split the numbers into byte planes, which compress far better.
-//! Everything is then brotli-compressed.
+//! The `pca` codecs code each head by transform coding instead ([`transform`]): principal axes, one rounding
+//! step, axes without a code dropped. Everything is then brotli-compressed.
 //!
 //! ```
 //! use tandem_common::codec::{Codec, KvShape, decode_layer, encode_layer};
@@ -22,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::kv::LayerKv;
 
+mod transform;
+
 /// Values sharing one minimum and step.
 pub const GROUP: usize = 32;
 /// The most values (keys plus values) one encoded layer chunk may hold: bounds what a hostile peer can make us allocate.
@@ -29,7 +32,9 @@ pub const MAX_VALUES: usize = 1 << 26;
 const BROTLI_QUALITY: u32 = 5;
 const BROTLI_WINDOW: u32 = 22;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A way to put KV on the wire. Codecs compare by faithfulness: `a < b` when `a` keeps more (the order of
+/// [`Codec::ALL`]), not by their order on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Codec {
     /// The exact f32 values.
     Lossless,
@@ -37,10 +42,26 @@ pub enum Codec {
     Q8,
     Q4,
     Q2,
+    /// Transform coding with a step of 0.15 of a head's RMS.
+    Pca8,
+    /// Transform coding with a step of half a head's RMS: about 2.8 bits a value, q4's agreement.
+    Pca4,
+    /// Transform coding with a step of one RMS: about 1.9 bits a value, better than q2 at three quarters of its size.
+    Pca2,
 }
 
 impl Codec {
-    pub const ALL: [Codec; 5] = [Codec::Lossless, Codec::F16, Codec::Q8, Codec::Q4, Codec::Q2];
+    /// Every codec, most faithful first.
+    pub const ALL: [Codec; 8] = [
+        Codec::Lossless,
+        Codec::F16,
+        Codec::Q8,
+        Codec::Pca8,
+        Codec::Q4,
+        Codec::Pca4,
+        Codec::Pca2,
+        Codec::Q2,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -49,7 +70,18 @@ impl Codec {
             Codec::Q8 => "q8",
             Codec::Q4 => "q4",
             Codec::Q2 => "q2",
+            Codec::Pca8 => "pca8",
+            Codec::Pca4 => "pca4",
+            Codec::Pca2 => "pca2",
         }
+    }
+
+    /// Place in [`Codec::ALL`]: 0 is the most faithful.
+    fn rank(self) -> usize {
+        Codec::ALL
+            .iter()
+            .position(|&c| c == self)
+            .unwrap_or(usize::MAX)
     }
 
     pub fn parse(s: &str) -> Option<Codec> {
@@ -62,8 +94,30 @@ impl Codec {
             Codec::Q8 => Some(8),
             Codec::Q4 => Some(4),
             Codec::Q2 => Some(2),
-            Codec::Lossless | Codec::F16 => None,
+            Codec::Lossless | Codec::F16 | Codec::Pca8 | Codec::Pca4 | Codec::Pca2 => None,
         }
+    }
+
+    /// Rounding step of the transform codecs, as a share of a head's RMS.
+    fn relative_step(self) -> Option<f64> {
+        match self {
+            Codec::Pca8 => Some(0.15),
+            Codec::Pca4 => Some(0.5),
+            Codec::Pca2 => Some(1.0),
+            _ => None,
+        }
+    }
+}
+
+impl PartialOrd for Codec {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Codec {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
     }
 }
 
@@ -120,6 +174,8 @@ pub enum CodecError {
     NotFinite,
     #[error("{positions} key positions given for {tokens} tokens")]
     Positions { positions: usize, tokens: usize },
+    #[error("KV chunk is malformed: {0}")]
+    Malformed(String),
 }
 
 /// The rotary embedding on the keys. Quantized codecs take it off before grouping keys by channel and put it back
@@ -186,11 +242,24 @@ impl Rotary<'_> {
 }
 
 /// Encodes one layer's K and V (each `shape`) with `codec`; `rotary` describes the keys' rotary embedding (used by
-/// the quantized codecs, see [`Rotary`]; the decoder must be given the same).
+/// the quantized and transform codecs, see [`Rotary`]; the decoder must be given the same).
 pub fn encode_layer(
     codec: Codec,
     shape: KvShape,
     rotary: Option<Rotary<'_>>,
+    layer: &LayerKv,
+) -> Vec<u8> {
+    encode_layer_weighted(codec, shape, rotary, None, layer)
+}
+
+/// [`encode_layer`], told how strongly the model's queries read each key channel pair of this layer
+/// (`[kv_heads][head_dim / 2]`, a layer of [`QueryEnergy`](crate::model::QueryEnergy)): the transform codecs then
+/// spend their bits where attention looks. Other codecs ignore it; the decoder never needs it.
+pub fn encode_layer_weighted(
+    codec: Codec,
+    shape: KvShape,
+    rotary: Option<Rotary<'_>>,
+    key_weights: Option<&[f32]>,
     layer: &LayerKv,
 ) -> Vec<u8> {
     let n = shape.values().expect("layer shape within MAX_VALUES");
@@ -200,6 +269,13 @@ pub fn encode_layer(
     );
     let layout = Layout::new(codec, shape);
     let mut raw = Vec::with_capacity(layout.raw_len(n));
+    let unrotated_keys = || {
+        let mut k = layer.k.clone();
+        if let Some(r) = rotary {
+            r.apply(&mut k, shape, true);
+        }
+        k
+    };
     match &layout {
         Layout::Planes { width } => {
             for x in [&layer.k, &layer.v] {
@@ -207,21 +283,47 @@ pub fn encode_layer(
             }
         }
         Layout::Quantized { bits, keys, values } => {
-            let mut k = layer.k.clone();
-            if let Some(r) = rotary {
-                r.apply(&mut k, shape, true);
-            }
-            quantize(&mut raw, *bits, &gather(&k, keys));
+            quantize(&mut raw, *bits, &gather(&unrotated_keys(), keys));
             quantize(&mut raw, *bits, &gather(&layer.v, values));
         }
+        Layout::Transform { step, .. } => {
+            let d = shape.head_dim;
+            let per_head = shape.tokens * d;
+            let k = unrotated_keys();
+            let neox = rotary.is_none_or(|r| r.neox);
+            for h in 0..shape.kv_heads {
+                let weights = key_weights
+                    .filter(|_| d >= 2)
+                    .and_then(|w| w.get(h * (d / 2)..(h + 1) * (d / 2)))
+                    .map(|pairs| channel_weights(pairs, d, neox));
+                let head = h * per_head..(h + 1) * per_head;
+                transform::encode(&mut raw, &k[head], d, *step, weights.as_deref());
+            }
+            for h in 0..shape.kv_heads {
+                transform::encode(
+                    &mut raw,
+                    &layer.v[h * per_head..(h + 1) * per_head],
+                    d,
+                    *step,
+                    None,
+                );
+            }
+        }
     }
-    debug_assert_eq!(raw.len(), layout.raw_len(n));
+    debug_assert!(raw.len() <= layout.raw_len(n));
     let mut out = Vec::with_capacity(raw.len() / 2);
     {
         let mut w = brotli::CompressorWriter::new(&mut out, 1 << 16, BROTLI_QUALITY, BROTLI_WINDOW);
         w.write_all(&raw).expect("writing to a Vec");
     }
     out
+}
+
+/// A weight per channel from a weight per rotary pair (NEOX pairs i with i + d/2, llama 2i with 2i + 1).
+fn channel_weights(pairs: &[f32], d: usize, neox: bool) -> Vec<f32> {
+    (0..d)
+        .map(|i| pairs[if neox { i % (d / 2) } else { i / 2 }])
+        .collect()
 }
 
 /// Decodes what [`encode_layer`] made; every malformed input is an error, never a panic.
@@ -234,12 +336,13 @@ pub fn decode_layer(
     let n = shape.values().ok_or(CodecError::TooLarge(shape))?;
     let layout = Layout::new(codec, shape);
     let expected = layout.raw_len(n);
-    let mut raw = Vec::with_capacity(expected);
+    let mut raw = Vec::with_capacity(expected.min(1 << 24));
     brotli::Decompressor::new(bytes, 1 << 16)
         .take(expected as u64 + 1)
         .read_to_end(&mut raw)
         .map_err(|e| CodecError::Brotli(e.to_string()))?;
-    if raw.len() != expected {
+    let exact = !matches!(layout, Layout::Transform { .. });
+    if raw.len() > expected || (exact && raw.len() != expected) {
         return Err(CodecError::WrongSize {
             codec,
             shape,
@@ -247,6 +350,18 @@ pub fn decode_layer(
             found: raw.len(),
         });
     }
+    let rotate_back = |k: &mut Vec<f32>| {
+        if let Some(r) = rotary {
+            if r.positions.len() != shape.tokens {
+                return Err(CodecError::Positions {
+                    positions: r.positions.len(),
+                    tokens: shape.tokens,
+                });
+            }
+            r.apply(k, shape, false);
+        }
+        Ok(())
+    };
     let (k, v) = match &layout {
         Layout::Planes { width } => {
             let (a, b) = raw.split_at(n * width);
@@ -255,16 +370,27 @@ pub fn decode_layer(
         Layout::Quantized { bits, keys, values } => {
             let (a, b) = raw.split_at(quantized_len(*bits, keys));
             let mut k = scatter(&dequantize(a, *bits, keys), keys, n);
-            if let Some(r) = rotary {
-                if r.positions.len() != shape.tokens {
-                    return Err(CodecError::Positions {
-                        positions: r.positions.len(),
-                        tokens: shape.tokens,
-                    });
-                }
-                r.apply(&mut k, shape, false);
-            }
+            rotate_back(&mut k)?;
             (k, scatter(&dequantize(b, *bits, values), values, n))
+        }
+        Layout::Transform { .. } => {
+            let mut rest = &raw[..];
+            let mut heads = || -> Result<Vec<f32>, CodecError> {
+                let mut x = Vec::with_capacity(n);
+                for _ in 0..shape.kv_heads {
+                    x.extend(transform::decode(&mut rest, shape.tokens, shape.head_dim)?);
+                }
+                Ok(x)
+            };
+            let (mut k, v) = (heads()?, heads()?);
+            if !rest.is_empty() {
+                return Err(CodecError::Malformed(format!(
+                    "{} bytes after the last head",
+                    rest.len()
+                )));
+            }
+            rotate_back(&mut k)?;
+            (k, v)
         }
     };
     if k.iter().chain(&v).any(|x| !x.is_finite()) {
@@ -273,8 +399,9 @@ pub fn decode_layer(
     Ok(LayerKv { k, v })
 }
 
-/// How a codec lays a layer out before brotli: K and V as byte planes of `width`-byte floats, or quantized codes
-/// by groups.
+/// How a codec lays a layer out before brotli: K and V as byte planes of `width`-byte floats, quantized codes
+/// by groups, or transform-coded heads (keys first, rotary taken off) with a rounding `step` relative to each
+/// head's RMS.
 enum Layout {
     Planes {
         width: usize,
@@ -284,28 +411,44 @@ enum Layout {
         keys: Groups,
         values: Groups,
     },
+    Transform {
+        step: f64,
+        /// Head blocks (keys' and values') and their width.
+        blocks: usize,
+        head_dim: usize,
+    },
 }
 
 impl Layout {
     fn new(codec: Codec, shape: KvShape) -> Self {
-        match codec.bits() {
-            Some(bits) => Layout::Quantized {
+        match (codec.bits(), codec.relative_step()) {
+            (Some(bits), _) => Layout::Quantized {
                 bits,
                 keys: key_groups(shape),
                 values: value_groups(shape),
             },
-            None if codec == Codec::F16 => Layout::Planes { width: 2 },
-            None => Layout::Planes { width: 4 },
+            (_, Some(step)) => Layout::Transform {
+                step,
+                blocks: 2 * shape.kv_heads,
+                head_dim: shape.head_dim,
+            },
+            _ if codec == Codec::F16 => Layout::Planes { width: 2 },
+            _ => Layout::Planes { width: 4 },
         }
     }
 
-    /// Bytes before brotli, for `n` values each of K and V.
+    /// Bytes before brotli, for `n` values each of K and V (the most, for the transform codecs: each head's rank,
+    /// step, mean, a full basis, and codes of at most 5 bytes).
     fn raw_len(&self, n: usize) -> usize {
         match self {
             Layout::Planes { width } => 2 * width * n,
             Layout::Quantized { bits, keys, values } => {
                 quantized_len(*bits, keys) + quantized_len(*bits, values)
             }
+            // Per value: a 5-byte code, or 2 bytes as an outlier row plus up to 5 for its gap.
+            Layout::Transform {
+                blocks, head_dim, ..
+            } => blocks * (12 + 4 * head_dim + 2 * head_dim * head_dim) + 2 * 7 * n,
         }
     }
 }
@@ -544,6 +687,8 @@ mod tests {
                 Codec::Q8 => 80.0 / 255.0 / 2.0 + 0.05,
                 Codec::Q4 => 80.0 / 15.0 / 2.0 + 0.05,
                 Codec::Q2 => 80.0 / 3.0 / 2.0 + 0.1,
+                // Transform codecs bound the error per head vector, not per value: see below.
+                Codec::Pca8 | Codec::Pca4 | Codec::Pca2 => f32::INFINITY,
             };
             assert!(err <= bound, "{codec}: error {err} over {bound}");
         }
@@ -557,11 +702,151 @@ mod tests {
             head_dim: 64,
         };
         let l = layer(shape, 3);
-        let sizes: Vec<usize> = Codec::ALL
-            .iter()
-            .map(|&c| encode_layer(c, shape, None, &l).len())
+        for family in [
+            &[Codec::Lossless, Codec::F16, Codec::Q8, Codec::Q4, Codec::Q2][..],
+            &[Codec::Q8, Codec::Pca8, Codec::Pca4, Codec::Pca2],
+        ] {
+            let sizes: Vec<usize> = family
+                .iter()
+                .map(|&c| encode_layer(c, shape, None, &l).len())
+                .collect();
+            assert!(
+                sizes.windows(2).all(|w| w[0] > w[1]),
+                "{family:?}: {sizes:?}"
+            );
+        }
+    }
+
+    /// Root mean square of `a - b` over that of `a`'s deviation from its channel means.
+    fn relative_rms_error(a: &[f32], b: &[f32]) -> f32 {
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let err: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let var: f32 = a.iter().map(|x| (x - mean) * (x - mean)).sum();
+        (err / var).sqrt()
+    }
+
+    #[test]
+    fn transform_codecs_round_each_axis_to_their_step() {
+        // 300 tokens go on principal axes, 100 stay on their channels.
+        for tokens in [300, 100] {
+            let shape = KvShape {
+                kv_heads: 2,
+                tokens,
+                head_dim: 64,
+            };
+            let l = layer(shape, 11);
+            let positions: Vec<u32> = (0..tokens as u32).collect();
+            let rope = RopeParams {
+                theta: 1e6,
+                neox: true,
+            }
+            .at(&positions);
+            for (codec, step) in [(Codec::Pca8, 0.15), (Codec::Pca4, 0.5), (Codec::Pca2, 1.0)] {
+                let bytes = encode_layer(codec, shape, Some(rope), &l);
+                let d = decode_layer(codec, shape, Some(rope), &bytes).unwrap();
+                // Uniform rounding leaves step / √12 of error per axis; allow the f16 basis and head-to-head spread.
+                let (ek, ev) = (
+                    relative_rms_error(&l.k, &d.k),
+                    relative_rms_error(&l.v, &d.v),
+                );
+                assert!(ek < 0.4 * step && ev < 0.4 * step, "{codec}: {ek} {ev}");
+            }
+        }
+    }
+
+    #[test]
+    fn low_rank_heads_cost_only_their_rank() {
+        // Every head vector a mix of 4 fixed directions: a transform codec keeps 4 axes, q2 pays for all 64.
+        let shape = KvShape {
+            kv_heads: 2,
+            tokens: 512,
+            head_dim: 64,
+        };
+        let n = shape.values().unwrap();
+        let noise = layer(shape, 5);
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                let (t, c) = (i / 64, i % 64);
+                (0..4)
+                    .map(|j| noise.k[t * 64 + j] * ((c * (j + 1)) as f32).sin())
+                    .sum()
+            })
             .collect();
-        assert!(sizes.windows(2).all(|w| w[0] > w[1]), "{sizes:?}");
+        let l = LayerKv { k: x.clone(), v: x };
+        let pca = encode_layer(Codec::Pca2, shape, None, &l);
+        let q2 = encode_layer(Codec::Q2, shape, None, &l);
+        assert!(
+            pca.len() * 3 < q2.len(),
+            "pca2 {} bytes, q2 {}",
+            pca.len(),
+            q2.len()
+        );
+        let d = decode_layer(Codec::Pca2, shape, None, &pca).unwrap();
+        assert!(relative_rms_error(&l.k, &d.k) < 0.4);
+    }
+
+    #[test]
+    fn an_outlier_token_travels_apart_and_costs_the_others_nothing() {
+        let shape = KvShape {
+            kv_heads: 1,
+            tokens: 200,
+            head_dim: 64,
+        };
+        let plain = layer(shape, 4);
+        let mut spiked = plain.clone();
+        let spike = 100 * 64..101 * 64;
+        for x in &mut spiked.v[spike.clone()] {
+            *x *= 100.0;
+        }
+        let code = |l: &LayerKv| {
+            decode_layer(
+                Codec::Pca4,
+                shape,
+                None,
+                &encode_layer(Codec::Pca4, shape, None, l),
+            )
+        };
+        let (a, b) = (code(&plain).unwrap(), code(&spiked).unwrap());
+        // The outlier comes back to f16 precision; the other tokens as precisely as without it.
+        assert!(max_err(&spiked.v[spike.clone()], &b.v[spike.clone()]) < 0.5);
+        let others = |v: &[f32]| [&v[..spike.start], &v[spike.end..]].concat();
+        let (with, without) = (
+            relative_rms_error(&others(&spiked.v), &others(&b.v)),
+            relative_rms_error(&others(&plain.v), &others(&a.v)),
+        );
+        assert!(
+            with < 1.1 * without,
+            "{with} with the outlier, {without} without"
+        );
+    }
+
+    #[test]
+    fn query_weights_move_the_error_to_channels_no_query_reads() {
+        let shape = KvShape {
+            kv_heads: 1,
+            tokens: 400,
+            head_dim: 64,
+        };
+        let l = layer(shape, 9);
+        // Queries read pair 0 (channels 0 and 32) a thousand times more than the rest.
+        let mut pairs = vec![1.0f32; 32];
+        pairs[0] = 1000.0;
+        let err_in_read_channels = |weights: Option<&[f32]>| {
+            let bytes = encode_layer_weighted(Codec::Pca2, shape, None, weights, &l);
+            let d = decode_layer(Codec::Pca2, shape, None, &bytes).unwrap();
+            (0..400)
+                .flat_map(|t| [t * 64, t * 64 + 32])
+                .map(|i| (l.k[i] - d.k[i]).powi(2))
+                .sum::<f32>()
+        };
+        let (plain, weighted) = (
+            err_in_read_channels(None),
+            err_in_read_channels(Some(&pairs)),
+        );
+        assert!(
+            weighted * 10.0 < plain,
+            "weighted {weighted}, plain {plain}"
+        );
     }
 
     #[test]
@@ -632,7 +917,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600),
-                                              codec in 0usize..5, tokens in 0usize..40) {
+                                              codec in 0usize..Codec::ALL.len(), tokens in 0usize..40) {
             let shape = KvShape { kv_heads: 2, tokens, head_dim: 32 };
             let _ = decode_layer(Codec::ALL[codec], shape, None, &bytes);
         }
@@ -644,6 +929,19 @@ mod tests {
             let d = decode_layer(Codec::Q8, shape, None, &encode_layer(Codec::Q8, shape, None, &l)).unwrap();
             prop_assert!(max_err(&l.k, &d.k) <= 80.0 / 255.0 / 2.0 + 0.05);
             prop_assert!(max_err(&l.v, &d.v) <= 80.0 / 255.0 / 2.0 + 0.05);
+        }
+
+        #[test]
+        fn transform_round_trip_keeps_shape_and_stays_close(tokens in 1usize..70, head_dim in 1usize..40,
+                                                            seed in any::<u32>()) {
+            let shape = KvShape { kv_heads: 2, tokens, head_dim };
+            let l = layer(shape, seed);
+            let weights = vec![2.0f32; head_dim];
+            let bytes = encode_layer_weighted(Codec::Pca4, shape, None, Some(&weights), &l);
+            let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
+            prop_assert_eq!(d.k.len(), l.k.len());
+            // No value strays by more than the head's whole spread.
+            prop_assert!(max_err(&l.k, &d.k) <= 80.0 && max_err(&l.v, &d.v) <= 80.0);
         }
     }
 }

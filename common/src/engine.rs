@@ -8,7 +8,7 @@ use burn::tensor::Device;
 
 use crate::gguf::{Gguf, GgufError};
 use crate::kv::KvState;
-use crate::model::{Model, Session, SessionError};
+use crate::model::{Model, QueryEnergy, Session, SessionError};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 
@@ -97,11 +97,29 @@ impl Engine {
 
     /// Prefills `tokens` in a fresh session and returns its KV (to share as context).
     pub fn prefill_kv(&self, tokens: &[u32]) -> Result<KvState, EngineError> {
+        Ok(self.prefill_export(tokens, false)?.0)
+    }
+
+    /// [`prefill_kv`](Self::prefill_kv), also measuring how strongly the context's queries read each key channel
+    /// pair (what the `pca` KV codecs weight their errors by).
+    pub fn prefill_context(&self, tokens: &[u32]) -> Result<(KvState, QueryEnergy), EngineError> {
+        let (kv, energy) = self.prefill_export(tokens, true)?;
+        Ok((kv, energy.expect("recording was switched on")))
+    }
+
+    fn prefill_export(
+        &self,
+        tokens: &[u32],
+        query_energy: bool,
+    ) -> Result<(KvState, Option<QueryEnergy>), EngineError> {
         let t0 = web_time::Instant::now();
         let mut s = self.session();
+        if query_energy {
+            s.record_query_energy();
+        }
         s.prefill(tokens)?;
         self.record_prefill(tokens.len(), t0.elapsed());
-        Ok(s.export())
+        Ok((s.export(), s.query_energy().cloned()))
     }
 
     /// This machine's speed at prefilling a context, tokens per second through every layer, as last measured (by

@@ -100,6 +100,9 @@ struct CodecReportArgs {
     /// Mat-mul precision of both runs: f32 isolates the codec; q8 (the fast path) adds activation-rounding flips.
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// Only these codecs (repeatable; default: all).
+    #[arg(long = "codec")]
+    codecs: Vec<tandem_common::codec::Codec>,
 }
 
 #[derive(Parser)]
@@ -118,7 +121,7 @@ struct ChatArgs {
     model: String,
     #[arg(long)]
     prompt: String,
-    /// Insist on a KV codec (lossless, f16, q8, q4, q2); by default the cloud picks.
+    /// Insist on a KV codec (lossless, f16, q8, pca8, q4, pca4, pca2, q2); by default the cloud picks.
     #[arg(long)]
     codec: Option<tandem_common::codec::Codec>,
     /// This edge's download bandwidth in Mbit/s, reported to the cloud for its codec choice (default: none, or in a
@@ -429,16 +432,21 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
         "What is the most important detail in the context?",
         "Write one question a reader might ask about it.",
     ];
+    let codecs = if args.codecs.is_empty() {
+        tandem_common::codec::Codec::ALL.to_vec()
+    } else {
+        args.codecs
+    };
     eprintln!(
         "measuring {} codecs on {} context tokens, {} questions × {} tokens, {:?} mat-muls …",
-        tandem_common::codec::Codec::ALL.len(),
+        codecs.len(),
         engine.tokenizer.context_tokens(&text)?.len(),
         questions.len(),
         args.steps,
         precision
     );
     let rows = tandem_cloud::codec_report::codec_report(
-        &engine, &text, &questions, args.steps, precision,
+        &engine, &text, &questions, args.steps, precision, &codecs,
     )?;
     println!(
         "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11}",

@@ -54,7 +54,15 @@ impl<'m> LayerwisePrefill<'m> {
             v: empty,
         };
         for (h, rope) in &mut self.chunks {
-            *h = m.block(block, h.clone(), rope, None, &mut kv, Precision::default());
+            *h = m.block(
+                block,
+                h.clone(),
+                rope,
+                None,
+                &mut kv,
+                Precision::default(),
+                None,
+            );
         }
         self.done += 1;
         Some(kv.download())

@@ -8,6 +8,7 @@
 mod config;
 mod layerwise;
 mod qmatrix;
+mod query_energy;
 mod session;
 
 use burn::module::Module;
@@ -17,6 +18,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 pub use config::{Arch, ModelConfig, RopeStyle, rope_frequencies};
 pub use layerwise::LayerwisePrefill;
 pub use qmatrix::{QMatrix, QuantOps, q_linear};
+pub use query_energy::QueryEnergy;
 pub use session::{Session, SessionError};
 
 use crate::attention::{self, Partial};
@@ -202,13 +204,15 @@ impl Model {
         ctx: &mut dyn FnMut(usize) -> Result<Option<DeviceKv>, E>,
         own: &mut [DeviceKv],
         p: Precision,
+        mut energy: Option<&mut QueryEnergy>,
     ) -> Result<Vec<f32>, E> {
         let c = self.config();
         let mut h = self.embed(tokens);
         let rope = self.rope(start, tokens.len());
         for (l, block) in self.blocks.iter().enumerate() {
             let ctx = ctx(l)?;
-            h = self.block(block, h, &rope, ctx.as_ref(), &mut own[l], p);
+            let energy = energy.as_deref_mut().map(|e| (l, e));
+            h = self.block(block, h, &rope, ctx.as_ref(), &mut own[l], p, energy);
         }
         let last = h.narrow(0, tokens.len() - 1, 1);
         let logits = q_linear(self.norm.forward(last), &self.output, None, p);
@@ -281,6 +285,7 @@ impl Model {
         ctx: Option<&DeviceKv>,
         own: &mut DeviceKv,
         p: Precision,
+        energy: Option<(usize, &mut QueryEnergy)>,
     ) -> Tensor<2> {
         let c = self.config();
         let t = h.dims()[0];
@@ -291,6 +296,9 @@ impl Model {
         let q = self.apply_rope(b.q.forward(x.clone(), p).reshape([t, nh, hd]), rope);
         let k = self.apply_rope(b.k.forward(x.clone(), p).reshape([t, nkv, hd]), rope);
         let v = b.v.forward(x, p).reshape([t, nkv, hd]);
+        if let Some((l, e)) = energy {
+            e.add(l, q.clone(), c.rope_style);
+        }
 
         // Group query heads by their KV head: [nkv, g·t, hd], so GQA needs no repeated keys.
         let q = q

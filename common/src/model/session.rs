@@ -2,7 +2,7 @@
 
 use burn::tensor::Tensor;
 
-use super::Model;
+use super::{Model, QueryEnergy};
 use crate::kv::{DeviceKv, KvError, KvState, LayerKv};
 use crate::quant::Precision;
 
@@ -42,6 +42,8 @@ pub struct Session<'m> {
     own: Vec<DeviceKv>,
     own_tokens: Vec<u32>,
     precision: Precision,
+    /// Query energies of what this session runs, once asked for ([`record_query_energy`](Self::record_query_energy)).
+    energy: Option<QueryEnergy>,
 }
 
 impl<'m> Session<'m> {
@@ -62,6 +64,7 @@ impl<'m> Session<'m> {
             ],
             own_tokens: Vec::new(),
             precision: Precision::default(),
+            energy: None,
         }
     }
 
@@ -142,12 +145,24 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
+    /// From now on, measures how strongly this session's queries read each key channel pair (for the KV codec).
+    pub fn record_query_energy(&mut self) {
+        let c = self.model.config();
+        self.energy = Some(QueryEnergy::new(c.n_layers, c.n_kv_heads, c.head_dim));
+    }
+
+    /// What [`record_query_energy`](Self::record_query_energy) measured.
+    pub fn query_energy(&self) -> Option<&QueryEnergy> {
+        self.energy.as_ref()
+    }
+
     /// Runs `tokens` through the model, extending the session; returns the next-token logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
         let ctx = &self.ctx;
         run(
             self.model,
             (&mut self.own[..], &mut self.own_tokens),
+            self.energy.as_mut(),
             self.precision,
             tokens,
             self.ctx_tokens.len(),
@@ -178,30 +193,38 @@ impl<'m> Session<'m> {
         let c = model.config();
         let ctx = &mut self.ctx;
         let own = (&mut self.own[..], &mut self.own_tokens);
-        let result = run(model, own, self.precision, tokens, n, &mut |l| {
-            if ctx[l].is_none() {
-                let layer =
-                    next_layer(l).map_err(|reason| SessionError::Stream { layer: l, reason })?;
-                let want = c.n_kv_heads * n * c.head_dim;
-                if layer.k.len() != want || layer.v.len() != want {
-                    return Err(SessionError::Stream {
-                        layer: l,
-                        reason: format!(
-                            "layer holds {} values, the context needs {want}",
-                            layer.k.len()
-                        ),
-                    });
+        let result = run(
+            model,
+            own,
+            self.energy.as_mut(),
+            self.precision,
+            tokens,
+            n,
+            &mut |l| {
+                if ctx[l].is_none() {
+                    let layer = next_layer(l)
+                        .map_err(|reason| SessionError::Stream { layer: l, reason })?;
+                    let want = c.n_kv_heads * n * c.head_dim;
+                    if layer.k.len() != want || layer.v.len() != want {
+                        return Err(SessionError::Stream {
+                            layer: l,
+                            reason: format!(
+                                "layer holds {} values, the context needs {want}",
+                                layer.k.len()
+                            ),
+                        });
+                    }
+                    ctx[l] = Some(DeviceKv::upload(
+                        &layer,
+                        c.n_kv_heads,
+                        n,
+                        c.head_dim,
+                        model.device(),
+                    ));
                 }
-                ctx[l] = Some(DeviceKv::upload(
-                    &layer,
-                    c.n_kv_heads,
-                    n,
-                    c.head_dim,
-                    model.device(),
-                ));
-            }
-            Ok(ctx[l].clone())
-        });
+                Ok(ctx[l].clone())
+            },
+        );
         if result.is_err() {
             (self.ctx, self.ctx_tokens, self.ctx_positions) = before;
         }
@@ -287,6 +310,7 @@ pub(super) fn check_tokens(
 fn run(
     model: &Model,
     (own, own_tokens): (&mut [DeviceKv], &mut Vec<u32>),
+    mut energy: Option<&mut QueryEnergy>,
     precision: Precision,
     tokens: &[u32],
     ctx_len: usize,
@@ -298,7 +322,7 @@ fn run(
     // Long inputs run in chunks: attention scores and masks grow with chunk × keys, not tokens × keys.
     for chunk in tokens.chunks(PREFILL_CHUNK) {
         let at = ctx_len + own_tokens.len();
-        match model.forward(chunk, at, ctx, own, precision) {
+        match model.forward(chunk, at, ctx, own, precision, energy.as_deref_mut()) {
             Ok(l) => {
                 own_tokens.extend_from_slice(chunk);
                 logits = l;

@@ -71,7 +71,7 @@ export interface ChatMessage {
 export interface ContextRef {
   id?: string;
   text?: string;
-  /// A KV codec to insist on (`lossless`, `q8`, `q4`, `q2`, ...); the cloud picks by bandwidth otherwise.
+  /// A KV codec to insist on (`lossless`, `f16`, `q8`, `pca8`, `q4`, `pca4`, `pca2`, `q2`); the cloud picks by bandwidth otherwise.
   codec?: string;
   timeoutMs?: number;
 }

@@ -147,7 +147,10 @@ fn main() {
         None,
         Some(Codec::F16),
         Some(Codec::Q8),
+        Some(Codec::Pca8),
         Some(Codec::Q4),
+        Some(Codec::Pca4),
+        Some(Codec::Pca2),
         Some(Codec::Q2),
     ] {
         let src = ContextSource {
