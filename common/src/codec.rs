@@ -445,10 +445,11 @@ impl Layout {
             Layout::Quantized { bits, keys, values } => {
                 quantized_len(*bits, keys) + quantized_len(*bits, values)
             }
-            // Per value: a 5-byte code, or 2 bytes as an outlier row plus up to 5 for its gap.
+            // Per block: step, kind, five length prefixes, mean and a full basis; per value: a 5-byte code, or 2
+            // bytes as an outlier row plus up to 5 for its gap.
             Layout::Transform {
                 blocks, head_dim, ..
-            } => blocks * (12 + 4 * head_dim + 2 * head_dim * head_dim) + 2 * 7 * n,
+            } => blocks * (30 + 4 * head_dim + 2 * head_dim * head_dim) + 2 * 7 * n,
         }
     }
 }

@@ -9,15 +9,14 @@
 //!
 //! Heads with fewer than 4 tokens per channel keep their channels as axes (a basis would cost more than it saves).
 //!
-//! Block layout: rank `r` (u16), step (f32), the kind of axes (u8: 0 channels, 1 principal), the outlier tokens (a
-//! varint count, varint gaps, then their rows as f16), the other tokens' mean (d × f32), the reconstruction basis
-//! (d × r f16, axis by axis, or r scales for channel axes: the decoder needs no eigen-solver and no weights), then
-//! their zigzag varint codes, axis by axis.
+//! Each head travels as a postcard [`Block`]: step, kind of axes, outlier tokens and their f16 rows, the others'
+//! mean, the reconstruction basis (f16: the decoder needs no eigen-solver and no weights), their codes.
 //!
 //! [`QueryEnergy`]: crate::model::QueryEnergy
 
 use half::f16;
 use nalgebra::{DMatrix, SymmetricEigen};
+use serde::{Deserialize, Serialize};
 
 use super::CodecError;
 
@@ -81,39 +80,58 @@ pub(super) fn encode(
         None => coords.columns(0, rank).into_owned(),
     };
 
-    out.extend_from_slice(&(rank as u16).to_le_bytes());
-    out.extend_from_slice(&(step as f32).to_le_bytes());
-    out.push(u8::from(principal));
-    put_varint(out, outliers.len() as u32);
     let mut last = 0;
-    for &t in &outliers {
-        put_varint(out, (t - last) as u32);
-        last = t;
-    }
-    for &t in &outliers {
-        for v in row(t) {
-            out.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
-        }
-    }
-    for m in &mean {
-        out.extend_from_slice(&(*m as f32).to_le_bytes());
-    }
-    // Channel axes: only each axis's scale.
-    let sent: Vec<f64> = match principal {
-        true => basis.iter().copied().collect(),
-        false => (0..rank).map(|k| basis[(k, k)]).collect(),
+    let block = Block {
+        step: step as f32,
+        principal,
+        outlier_gaps: outliers
+            .iter()
+            .map(|&t| (t - std::mem::replace(&mut last, t)) as u32)
+            .collect(),
+        outlier_rows: outliers
+            .iter()
+            .flat_map(|&t| row(t).iter().map(|&v| f16::from_f32(v).to_le_bytes()))
+            .collect(),
+        mean: mean.iter().map(|&m| m as f32).collect(),
+        // Channel axes: only each axis's scale.
+        basis: match principal {
+            true => basis
+                .iter()
+                .map(|&v| f16::from_f64(v).to_le_bytes())
+                .collect(),
+            false => (0..rank)
+                .map(|k| f16::from_f64(basis[(k, k)]).to_le_bytes())
+                .collect(),
+        },
+        codes: (0..rank)
+            .flat_map(|k| (0..inliers.len()).map(move |r| (k, r)))
+            .map(|(k, r)| {
+                (coords[(r, k)] / step)
+                    .round()
+                    .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32
+            })
+            .collect(),
     };
-    for v in sent {
-        out.extend_from_slice(&f16::from_f64(v).to_le_bytes());
-    }
-    for k in 0..rank {
-        for r in 0..inliers.len() {
-            let q = (coords[(r, k)] / step)
-                .round()
-                .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32;
-            put_varint(out, ((q << 1) ^ (q >> 31)) as u32);
-        }
-    }
+    out.extend(postcard::to_allocvec(&block).expect("a block serialises"));
+}
+
+/// One head's keys or values as they travel (postcard: the codes become zigzag varints).
+#[derive(Serialize, Deserialize)]
+struct Block {
+    /// The rounding step of every axis.
+    step: f32,
+    /// Principal axes (a full basis column per axis), or the channels themselves (a scale per axis).
+    principal: bool,
+    /// Outlier tokens, each as its distance from the one before (the first from 0).
+    outlier_gaps: Vec<u32>,
+    /// Their rows, f16.
+    outlier_rows: Vec<[u8; 2]>,
+    /// The other tokens' mean.
+    mean: Vec<f32>,
+    /// The reconstruction basis, f16, axis by axis: d × rank, or rank scales for channel axes.
+    basis: Vec<[u8; 2]>,
+    /// The other tokens' codes, axis by axis.
+    codes: Vec<i32>,
 }
 
 /// Tokens far from the rest (attention sinks: their keys and values are often many times the others' size), sent
@@ -153,79 +171,74 @@ const SINKS: usize = 4;
 
 /// Reads one block for `tokens` × `d` values from the front of `raw`.
 pub(super) fn decode(raw: &mut &[u8], tokens: usize, d: usize) -> Result<Vec<f32>, CodecError> {
-    let bad = |what: &str| CodecError::Malformed(what.to_string());
-    let rank = u16::from_le_bytes(take::<2>(raw).ok_or_else(|| bad("rank missing"))?) as usize;
-    if rank > d {
-        return Err(bad(&format!("rank {rank} over the head size {d}")));
+    let bad = |what: String| CodecError::Malformed(what);
+    let (block, rest) =
+        postcard::take_from_bytes::<Block>(raw).map_err(|e| bad(format!("head block: {e}")))?;
+    *raw = rest;
+    let f16s = |v: &[[u8; 2]]| {
+        v.iter()
+            .map(|&b| f16::from_le_bytes(b).to_f32())
+            .collect::<Vec<_>>()
+    };
+    let per_axis = if block.principal { d.max(1) } else { 1 };
+    let rank = block.basis.len() / per_axis;
+    if rank > d || block.basis.len() % per_axis != 0 {
+        return Err(bad(format!(
+            "{} basis values for heads of {d}",
+            block.basis.len()
+        )));
     }
-    let step = f32::from_le_bytes(take::<4>(raw).ok_or_else(|| bad("step missing"))?);
-    if !step.is_finite() {
+    if !block.step.is_finite() {
         return Err(CodecError::NotFinite);
     }
-    let principal = match take::<1>(raw).ok_or_else(|| bad("axes missing"))? {
-        [0] => false,
-        [1] => true,
-        [k] => return Err(bad(&format!("unknown kind of axes {k}"))),
-    };
-    let count = get_varint(raw).ok_or_else(|| bad("outlier count missing"))? as usize;
-    if count > tokens {
-        return Err(bad(&format!("{count} outliers among {tokens} tokens")));
-    }
-    let mut outliers = Vec::with_capacity(count);
-    for i in 0..count {
-        let delta = get_varint(raw).ok_or_else(|| bad("outliers cut short"))? as usize;
-        let t = outliers.last().map_or(0, |&p: &usize| p) + delta;
-        if t >= tokens || (i > 0 && delta == 0) {
-            return Err(bad("outlier tokens out of order"));
+    let mut outliers: Vec<usize> = Vec::with_capacity(block.outlier_gaps.len().min(tokens));
+    for (i, &gap) in block.outlier_gaps.iter().enumerate() {
+        let t = outliers.last().map_or(0, |&p| p) + gap as usize;
+        if t >= tokens || (i > 0 && gap == 0) {
+            return Err(bad("outlier tokens out of order".into()));
         }
         outliers.push(t);
     }
-    let mut outlier_rows = Vec::with_capacity(count * d);
-    for _ in 0..count * d {
-        outlier_rows.push(
-            f16::from_le_bytes(take::<2>(raw).ok_or_else(|| bad("outlier rows cut short"))?)
-                .to_f32(),
-        );
-    }
-    let mut mean = Vec::with_capacity(d);
-    for _ in 0..d {
-        mean.push(f32::from_le_bytes(
-            take::<4>(raw).ok_or_else(|| bad("mean cut short"))?,
-        ));
-    }
-    let mut basis = vec![0f32; d * rank];
-    for k in 0..rank {
-        let axis = &mut basis[k * d..(k + 1) * d];
-        let mut next = || -> Result<f32, CodecError> {
-            Ok(f16::from_le_bytes(take::<2>(raw).ok_or_else(|| bad("basis cut short"))?).to_f32())
-        };
-        match principal {
-            true => {
-                for b in axis.iter_mut() {
-                    *b = next()?;
-                }
-            }
-            false => axis[k] = next()?,
-        }
-    }
-    let mut x: Vec<f32> = (0..tokens).flat_map(|_| mean.iter().copied()).collect();
     let inliers: Vec<usize> = (0..tokens)
         .filter(|t| outliers.binary_search(t).is_err())
         .collect();
+    let sizes = [
+        (
+            block.outlier_rows.len(),
+            outliers.len() * d,
+            "outlier row values",
+        ),
+        (block.mean.len(), d, "mean values"),
+        (block.codes.len(), rank * inliers.len(), "codes"),
+    ];
+    if let Some((found, want, what)) = sizes.into_iter().find(|(f, w, _)| f != w) {
+        return Err(bad(format!("{found} {what}, {want} expected")));
+    }
+    let basis = f16s(&block.basis);
+    let mut x: Vec<f32> = (0..tokens)
+        .flat_map(|_| block.mean.iter().copied())
+        .collect();
     for k in 0..rank {
-        let axis = &basis[k * d..(k + 1) * d];
-        for &t in &inliers {
-            let z = get_varint(raw).ok_or_else(|| bad("codes cut short"))?;
-            let q = ((z >> 1) as i32) ^ -((z & 1) as i32);
-            if q != 0 {
-                let y = q as f32 * step;
-                for (out, b) in x[t * d..(t + 1) * d].iter_mut().zip(axis) {
-                    *out += y * b;
+        for (&t, &q) in inliers.iter().zip(&block.codes[k * inliers.len()..]) {
+            if q == 0 {
+                continue;
+            }
+            let y = q as f32 * block.step;
+            let row = &mut x[t * d..(t + 1) * d];
+            match block.principal {
+                true => {
+                    for (out, b) in row.iter_mut().zip(&basis[k * d..(k + 1) * d]) {
+                        *out += y * b;
+                    }
                 }
+                false => row[k] += y * basis[k],
             }
         }
     }
-    for (&t, r) in outliers.iter().zip(outlier_rows.chunks_exact(d.max(1))) {
+    for (&t, r) in outliers
+        .iter()
+        .zip(f16s(&block.outlier_rows).chunks_exact(d.max(1)))
+    {
         x[t * d..(t + 1) * d].copy_from_slice(r);
     }
     Ok(x)
@@ -244,31 +257,4 @@ fn channel_scales(weights: Option<&[f32]>, d: usize) -> Vec<f64> {
     let w: Vec<f64> = w.iter().map(|&v| (v as f64).max(top * 1e-4)).collect();
     let mean = w.iter().sum::<f64>() / d as f64;
     w.iter().map(|v| (v / mean).sqrt()).collect()
-}
-
-fn take<const N: usize>(raw: &mut &[u8]) -> Option<[u8; N]> {
-    let (head, rest) = raw.split_first_chunk::<N>()?;
-    *raw = rest;
-    Some(*head)
-}
-
-fn put_varint(out: &mut Vec<u8>, mut z: u32) {
-    while z >= 0x80 {
-        out.push(z as u8 | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
-}
-
-fn get_varint(raw: &mut &[u8]) -> Option<u32> {
-    let mut z = 0u32;
-    for shift in (0..35).step_by(7) {
-        let (&b, rest) = raw.split_first()?;
-        *raw = rest;
-        z |= ((b & 0x7f) as u32).checked_shl(shift)?;
-        if b < 0x80 {
-            return Some(z);
-        }
-    }
-    None
 }
