@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use futures_util::{SinkExt, StreamExt};
 use tandem_common::codec::{Codec, KvShape};
-use tandem_common::wire::{self, ErrorCode, Frame, PROTOCOL_VERSION};
+use tandem_common::wire::{self, ErrorCode, Frame, KvMode, PROTOCOL_VERSION};
 use warp::ws::{Message, WebSocket};
 
 use crate::metrics::ActiveSession;
@@ -59,6 +59,7 @@ struct Asked {
     tokens: Option<(u32, u32)>,
     codec: Option<Codec>,
     edge_prefill_tps: Option<f32>,
+    mode: KvMode,
 }
 
 struct Edge<'a> {
@@ -141,12 +142,14 @@ impl Session {
                     tokens,
                     codec,
                     edge_prefill_tps,
+                    mode,
                 } => {
                     let asked = Asked {
                         layers,
                         tokens,
                         codec,
                         edge_prefill_tps,
+                        mode,
                     };
                     if let Err(e) = self.request(&edge, &context, asked).await {
                         // A request the cloud cannot serve does not end the session.
@@ -171,8 +174,9 @@ impl Session {
             tokens,
             codec,
             edge_prefill_tps,
+            mode,
         } = asked;
-        let ctx = self
+        let exact = self
             .app
             .context_or_pull(edge.served, id)
             .await
@@ -183,15 +187,35 @@ impl Session {
                     format!("no context {id:?} on this server"),
                 )
             })?;
-        if ctx.record.model != edge.served.name {
+        if exact.record.model != edge.served.name {
             return Err(Frame::error(
                 ErrorCode::WrongModel,
                 format!(
                     "context {id} was computed by {}, the edge runs {}",
-                    ctx.record.model, edge.served.name
+                    exact.record.model, edge.served.name
                 ),
             ));
         }
+        let (ctx, projection) = match mode {
+            KvMode::Exact => (exact, None),
+            _ => {
+                let aligned = crate::projection::for_edge(&self.app, &edge.served.name)
+                    .ok_or_else(|| {
+                        Frame::error(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "{mode} KV needs an alignment from a larger model to {}; this server has none \
+                                 (tandem serve --alignment)",
+                                edge.served.name
+                            ),
+                        )
+                    })?;
+                let projected = crate::projection::projected(&self.app, &exact, aligned)
+                    .await
+                    .map_err(|e| Frame::error(ErrorCode::Internal, e))?;
+                (projected, Some(aligned.projection(&self.app)))
+            }
+        };
         let kv = &ctx.record.kv;
         let layers = within("layers", layers, kv.layers.len())?;
         let tokens = within("tokens", tokens.unwrap_or((0, kv.len() as u32)), kv.len())?;
@@ -214,8 +238,26 @@ impl Session {
         // A whole context for an edge that said how fast it computes, over a link it measured: the edge may be
         // better off computing the lowest layers itself while the others stream.
         let whole = layers.start == 0 && tokens == (0..kv.len());
-        let local = match (edge.bandwidth_bps, edge_prefill_tps) {
-            (Some(bps), Some(tps)) if whole && bps > 0 && tps.is_finite() && tps > 0.0 => {
+        let local = match (mode, edge.bandwidth_bps, edge_prefill_tps) {
+            // Split mode: the edge said how many layers it computes; they must leave some to stream.
+            (KvMode::Split { own_layers }, ..) => {
+                let own = own_layers as usize;
+                if own == 0 || own >= kv.layers.len() {
+                    return Err(Frame::error(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "{mode} must leave the edge between 1 and {} of the {} layers",
+                            kv.layers.len() - 1,
+                            kv.layers.len()
+                        ),
+                    ));
+                }
+                own.saturating_sub(layers.start)
+            }
+            (KvMode::Fused, ..) => 0,
+            (KvMode::Exact, Some(bps), Some(tps))
+                if whole && bps > 0 && tps.is_finite() && tps > 0.0 =>
+            {
                 edge_layers(
                     layers.len(),
                     layer_bits(&ctx, codec),
@@ -233,6 +275,23 @@ impl Session {
                 .kv_layers_left_to_edges
                 .fetch_add(local as u64, Relaxed);
         }
+        // Fused: only the layers whose gate reads the projected KV are sent.
+        let streamed: Vec<usize> = layers
+            .clone()
+            .filter(|&l| match (&projection, mode) {
+                (Some(p), KvMode::Fused) => p.gates[l] > 0.0,
+                _ => true,
+            })
+            .collect();
+        if streamed.is_empty() {
+            return Err(Frame::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "the alignment's gates leave layers {layers:?} to the edge's own KV: nothing to fuse (ask for \
+                     exact KV)"
+                ),
+            ));
+        }
         self.send(&Frame::Context {
             context: id.to_string(),
             tokens: kv.tokens[tokens.clone()].to_vec(),
@@ -241,6 +300,7 @@ impl Session {
             kv_heads: kv.kv_heads as u32,
             head_dim: kv.head_dim as u32,
             codec,
+            projection,
         })
         .await?;
 
@@ -249,15 +309,15 @@ impl Session {
             tokio::task::spawn_blocking(move || encoded(&ctx, codec, l, tokens))
         };
         let mut sent = 0u64;
-        let mut next = Some(encode(layers.start));
-        for l in layers.clone() {
+        let mut next = Some(encode(streamed[0]));
+        for (i, &l) in streamed.iter().enumerate() {
             let payload = next
                 .take()
                 .expect("one encoding in flight")
                 .await
                 .map_err(|e| Frame::error(ErrorCode::Internal, e.to_string()))?;
-            if l + 1 < layers.end {
-                next = Some(encode(l + 1));
+            if let Some(&after) = streamed.get(i + 1) {
+                next = Some(encode(after));
             }
             sent += payload.len() as u64;
             if let Some(slot) = &self.slot {

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod openai;
+pub mod projection;
 pub mod redis_store;
 pub mod serve_cli;
 pub mod server;
@@ -55,6 +56,9 @@ pub struct ServeOptions {
     pub quality_floor: Codec,
     /// Pull contexts this server does not hold from another cloud (and keep them): a gateway for nearby edges.
     pub upstream: Option<upstream::Upstream>,
+    /// Alignments (`tandem align` artifacts) to serve the projected KV modes with; both models of each must be
+    /// among `models`.
+    pub alignments: Vec<PathBuf>,
 }
 
 impl Default for ServeOptions {
@@ -70,6 +74,7 @@ impl Default for ServeOptions {
             static_dir: None,
             quality_floor: Codec::Q8,
             upstream: None,
+            alignments: Vec::new(),
         }
     }
 }
@@ -101,7 +106,14 @@ pub fn load_app(o: &ServeOptions) -> anyhow::Result<Arc<App>> {
         Some(url) => Arc::new(redis_store::RedisStore::open(url, local)?),
         None => Arc::new(local),
     };
+    let alignments = o
+        .alignments
+        .iter()
+        .map(|p| projection::load(p, &served))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Arc::new(App {
+        alignments,
+        projection_lock: Default::default(),
         models: served,
         store,
         metrics: Default::default(),

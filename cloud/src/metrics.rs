@@ -15,6 +15,8 @@ pub struct Metrics {
     pub store_hits: AtomicU64,
     pub store_misses: AtomicU64,
     pub contexts_prefilled: AtomicU64,
+    /// Contexts the LLM prefilled and an alignment projected for edges (split and fused modes).
+    pub contexts_projected: AtomicU64,
     pub prefill_tokens: AtomicU64,
     pub prefill_ms: AtomicU64,
     pub completions: AtomicU64,
@@ -45,7 +47,7 @@ impl Drop for ActiveSession<'_> {
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 19] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 20] = [
             (
                 "tandem_unauthorized_total",
                 "counter",
@@ -129,6 +131,12 @@ impl Metrics {
                 "counter",
                 "contexts prefilled",
                 &self.contexts_prefilled,
+            ),
+            (
+                "tandem_contexts_projected_total",
+                "counter",
+                "contexts the LLM prefilled and an alignment projected for edges",
+                &self.contexts_projected,
             ),
             (
                 "tandem_prefill_tokens_total",

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Pull contexts this server does not hold from this cloud and keep them: a KV cache for nearby edges.
     #[arg(long)]
     pub upstream: Option<String>,
+    /// Serve the projected KV modes (split, fused) with this `tandem align` artifact (repeatable); its LLM and
+    /// SLM must both be served (--model).
+    #[arg(long = "alignment")]
+    pub alignments: Vec<PathBuf>,
     /// Token of the upstream cloud.
     #[arg(long, env = "TANDEM_UPSTREAM_TOKEN")]
     pub upstream_token: Option<String>,
@@ -99,6 +103,7 @@ pub fn run_server(args: ServeArgs, what: &str) -> Result<()> {
             auth: args.upstream_token,
             timeout: std::time::Duration::from_secs(30),
         }),
+        alignments: args.alignments,
     })?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -49,6 +49,9 @@ pub struct App {
     pub upstream: Option<crate::upstream::Upstream>,
     /// Serialises pulls from upstream (see [`App::context_or_pull`]).
     pub upstream_lock: tokio::sync::Mutex<()>,
+    /// Alignments for the projected KV modes, and the lock that makes each projection once.
+    pub alignments: Vec<crate::projection::Aligned>,
+    pub projection_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -403,7 +406,13 @@ pub fn routes(app: Arc<App>) -> BoxedFilter<(Response,)> {
         .and(who.clone())
         .and(with_app(app.clone()))
         .map(|_: Caller, app: Arc<App>| {
-            warp::reply::json(&serde_json::json!({ "data": app.store.ids() })).into_response()
+            let ids: Vec<String> = app
+                .store
+                .ids()
+                .into_iter()
+                .filter(|id| !crate::projection::is_projected(id))
+                .collect();
+            warp::reply::json(&serde_json::json!({ "data": ids })).into_response()
         });
     let get_context = warp::path!("v1" / "contexts" / String)
         .and(warp::get())

@@ -51,6 +51,7 @@ impl App {
                 model: model.clone(),
                 context: context.clone(),
                 codec: Some(Codec::Lossless),
+                mode: Default::default(),
                 bandwidth_bps: None,
                 auth: up.auth,
                 timeout: up.timeout,

@@ -44,6 +44,16 @@ pub fn merge(a: Partial, b: Partial) -> Partial {
     }
 }
 
+/// Two readings of the same keys combined with weight `w` on the second: output and log-sum-exp both interpolated,
+/// so the segment keeps its place against the others when merged (the same reading twice gives it back).
+pub fn blend(a: Partial, b: Partial, w: f32) -> Partial {
+    let w = w as f64;
+    Partial {
+        out: a.out.mul_scalar(1.0 - w) + b.out.mul_scalar(w),
+        lse: a.lse.mul_scalar(1.0 - w) + b.lse.mul_scalar(w),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

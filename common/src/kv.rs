@@ -135,6 +135,18 @@ impl KvState {
     }
 }
 
+/// A second reading of a layer's shared context (another model's KV of the same tokens, projected into this one's
+/// space) and its gate: the weight in [0, 1] its attention gets against the context's own
+/// ([`crate::attention::blend`]; 0 leaves it out).
+#[derive(Clone)]
+pub struct Blend {
+    pub kv: DeviceKv,
+    pub weight: f32,
+}
+
+/// A layer's shared context as attention reads it: the context's KV (if any), and a blended second reading.
+pub type LayerContext = (Option<DeviceKv>, Option<Blend>);
+
 /// One layer's KV on a device: `k, v: [kv_heads, tokens, head_dim]`.
 #[derive(Clone, Debug)]
 pub struct DeviceKv {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest message either side accepts.
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 
@@ -50,6 +50,8 @@ pub enum Frame {
         tokens: Option<(u32, u32)>,
         codec: Option<Codec>,
         edge_prefill_tps: Option<f32>,
+        /// Whose reading of the context the edge wants (the edge model's own, or the cloud LLM's projected).
+        mode: KvMode,
     },
     /// Cloud → edge, before the chunks: the context's tokens (shared, not user data), positions and KV shape.
     Context {
@@ -60,6 +62,8 @@ pub enum Frame {
         kv_heads: u32,
         head_dim: u32,
         codec: Codec,
+        /// For a projected mode: the alignment that turned the cloud LLM's KV into the chunks that follow.
+        projection: Option<Projection>,
     },
     /// Cloud → edge: one layer's K and V for a token range, encoded by `codec`; `checksum` is the CRC-32 of `payload`.
     LayerChunk {
@@ -100,6 +104,59 @@ impl Frame {
             Frame::Error { .. } => "Error",
         }
     }
+}
+
+/// Which KV of a context an edge asks for (CE-LSLM's large → small modes). The projected modes need a cloud that
+/// serves a larger model with an alignment to the edge's (`tandem serve --alignment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum KvMode {
+    /// The edge model's own KV of the context, computed by the cloud: the same answers as a local prefill.
+    #[default]
+    Exact,
+    /// The edge computes its lowest `own_layers` context layers itself; the layers above come from the cloud LLM's
+    /// KV projected into the edge model's space.
+    Split { own_layers: u32 },
+    /// The edge computes every context layer itself and also attends to the projected LLM KV of the same tokens,
+    /// the two blended per layer by the alignment's gate.
+    Fused,
+}
+
+impl std::fmt::Display for KvMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvMode::Exact => write!(f, "exact"),
+            KvMode::Split { own_layers } => write!(f, "split:{own_layers}"),
+            KvMode::Fused => write!(f, "fused"),
+        }
+    }
+}
+
+impl std::str::FromStr for KvMode {
+    type Err = String;
+
+    /// `exact`, `split:K` (K own layers) or `fused`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "exact" => Ok(KvMode::Exact),
+            "fused" => Ok(KvMode::Fused),
+            other => other
+                .strip_prefix("split:")
+                .and_then(|k| k.parse().ok())
+                .map(|own_layers| KvMode::Split { own_layers })
+                .ok_or_else(|| {
+                    format!("unknown KV mode {other:?}: use exact, split:K (K own layers) or fused")
+                }),
+        }
+    }
+}
+
+/// How projected chunks were made: the alignment's id, the cloud model whose KV was projected, and the fused
+/// mode's gate per edge layer (the weight in [0, 1] attention over the projected KV gets; 0: unused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Projection {
+    pub alignment: String,
+    pub llm: String,
+    pub gates: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +243,22 @@ mod tests {
     fn round_trip_and_every_corruption_is_caught() {
         let m = encode(&chunk());
         assert_eq!(decode(&m).unwrap(), chunk());
+        let gates = vec![0.5, 0.0];
+        let ctx = Frame::Context {
+            context: "c".into(),
+            tokens: vec![1],
+            positions: vec![0],
+            layers: (0, 2),
+            kv_heads: 1,
+            head_dim: 2,
+            codec: Codec::F16,
+            projection: Some(Projection {
+                alignment: "a".into(),
+                llm: "big".into(),
+                gates,
+            }),
+        };
+        assert_eq!(decode(&encode(&ctx)).unwrap(), ctx);
         for i in 0..m.len() {
             let mut bad = m.clone();
             bad[i] ^= 0x20;
@@ -206,6 +279,18 @@ mod tests {
         let crc = crc32fast::hash(&m);
         m.extend_from_slice(&crc.to_le_bytes());
         assert!(matches!(decode(&m), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [
+            KvMode::Exact,
+            KvMode::Split { own_layers: 12 },
+            KvMode::Fused,
+        ] {
+            assert_eq!(m.to_string().parse::<KvMode>(), Ok(m));
+        }
+        assert!("split:x".parse::<KvMode>().unwrap_err().contains("split:K"));
     }
 
     proptest! {

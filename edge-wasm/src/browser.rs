@@ -167,6 +167,8 @@ struct CloudRequest {
     model: Option<String>,
     context: String,
     codec: Option<String>,
+    /// `exact` (default), `split:K` or `fused`.
+    kv_mode: Option<String>,
     bandwidth_bps: Option<u64>,
     auth: Option<String>,
     #[serde(default = "default_timeout_ms")]
@@ -180,11 +182,17 @@ fn default_timeout_ms() -> u64 {
 impl CloudRequest {
     fn into_cloud(self, engine_model: &str) -> Result<CloudContext, String> {
         let codec = self.codec.map(|name| name.parse::<Codec>()).transpose()?;
+        let mode = self
+            .kv_mode
+            .map(|m| m.parse())
+            .transpose()?
+            .unwrap_or_default();
         Ok(CloudContext {
             cloud_url: self.url,
             model: self.model.unwrap_or_else(|| engine_model.to_string()),
             context: self.context,
             codec,
+            mode,
             bandwidth_bps: self.bandwidth_bps,
             auth: self.auth,
             timeout: Duration::from_millis(self.timeout_ms),

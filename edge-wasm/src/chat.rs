@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats, Generation};
-use tandem_common::model::{LayerwisePrefill, Session};
+use tandem_common::kv::LayerKv;
+use tandem_common::model::{ContextLayer, LayerwisePrefill, Session};
 use tandem_common::tokenizer::Message;
+use tandem_common::wire::{KvMode, Projection};
 use web_time::Instant;
 
 use crate::incoming::{Connect, FetchStats, LayerTiming};
@@ -28,12 +30,26 @@ pub struct ContextSource {
 pub enum KvSource {
     Cloud {
         codec: Codec,
+        /// Whose reading of the context it was, and for a projected mode the alignment that made it.
+        mode: KvMode,
+        alignment: Option<String>,
     },
     /// Computed here, and why.
     Local {
         reason: String,
     },
     None,
+}
+
+impl KvSource {
+    /// The edge model's own KV from the cloud, in `codec`.
+    pub fn exact(codec: Codec) -> Self {
+        KvSource::Cloud {
+            codec,
+            mode: KvMode::Exact,
+            alignment: None,
+        }
+    }
 }
 
 /// What one turn did.
@@ -58,6 +74,9 @@ pub struct StatsSummary {
     pub kv_source: &'static str,
     pub fallback_reason: Option<String>,
     pub codec: Option<String>,
+    /// `exact`, `split:K` or `fused` (cloud KV only), and the alignment a projected mode used.
+    pub kv_mode: Option<String>,
+    pub alignment: Option<String>,
     pub context_tokens: u32,
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
@@ -76,15 +95,27 @@ pub struct StatsSummary {
 
 impl TurnStats {
     pub fn summary(&self) -> StatsSummary {
-        let (kv_source, fallback_reason, codec) = match &self.source {
-            KvSource::Cloud { codec } => ("cloud", None, Some(codec.to_string())),
-            KvSource::Local { reason } => ("local", Some(reason.clone()), None),
-            KvSource::None => ("none", None, None),
+        let (kv_source, fallback_reason, codec, kv_mode, alignment) = match &self.source {
+            KvSource::Cloud {
+                codec,
+                mode,
+                alignment,
+            } => (
+                "cloud",
+                None,
+                Some(codec.to_string()),
+                Some(mode.to_string()),
+                alignment.clone(),
+            ),
+            KvSource::Local { reason } => ("local", Some(reason.clone()), None, None, None),
+            KvSource::None => ("none", None, None, None, None),
         };
         StatsSummary {
             kv_source,
             fallback_reason,
             codec,
+            kv_mode,
+            alignment,
             context_tokens: self.context_tokens as u32,
             prompt_tokens: self.generate.prompt_tokens as u32,
             generated_tokens: self.generate.generated_tokens as u32,
@@ -183,7 +214,22 @@ pub fn start_turn<'e>(
         .as_ref()
         .map(|c| cloud_prefill(engine, &mut session, c, &prompt, connect, t0));
     let (logits, source, fetch) = match cloud {
-        Some(Ok((logits, codec, fetch))) => (logits, KvSource::Cloud { codec }, fetch),
+        Some(Ok(CloudKv {
+            logits,
+            codec,
+            projection,
+            fetch,
+        })) => {
+            let source = KvSource::Cloud {
+                codec,
+                mode: context
+                    .cloud
+                    .as_ref()
+                    .map_or_else(KvMode::default, |c| c.mode),
+                alignment: projection.map(|p| p.alignment),
+            };
+            (logits, source, fetch)
+        }
         failed => {
             let (reason, header_tokens) = match failed {
                 Some(Err(failure)) => failure,
@@ -230,11 +276,20 @@ pub fn start_turn<'e>(
 /// Why the cloud path failed, and the context's tokens if its header had arrived.
 type CloudFailure = (String, Option<Vec<u32>>);
 
+/// The prompt prefilled against the cloud's context: the logits, and how the context came.
+struct CloudKv {
+    logits: Vec<f32>,
+    codec: Codec,
+    projection: Option<Projection>,
+    fetch: FetchStats,
+}
+
 /// The prompt prefilled against the cloud's context as it streams in. Where the cloud left the lowest layers to
-/// this edge (`header.first_layer`), they are computed here, a layer at a time, while the others arrive. A stream
-/// that breaks (dropped, stalled, a chunk failing its checksum) resumes from the layer it broke at on a new
-/// connection, up to [`MAX_RESUMES`] times. On failure: the reason, and the context's tokens when the header had
-/// arrived (so the fallback needs no local text).
+/// this edge (`header.first_layer`: its choice in exact mode, the edge's in split mode), they are computed here, a
+/// layer at a time, while the others arrive; in fused mode every layer is computed here and, where the alignment's
+/// gate is above 0, the streamed projected layer is blended into it. A stream that breaks (dropped, stalled, a chunk failing its checksum)
+/// resumes from the layer it broke at on a new connection, up to [`MAX_RESUMES`] times. On failure: the reason,
+/// and the context's tokens when the header had arrived (so the fallback needs no local text).
 fn cloud_prefill(
     engine: &Engine,
     session: &mut Session<'_>,
@@ -242,16 +297,26 @@ fn cloud_prefill(
     prompt: &[u32],
     connect: &Connect<'_>,
     t0: Instant,
-) -> Result<(Vec<f32>, Codec, FetchStats), CloudFailure> {
+) -> Result<CloudKv, CloudFailure> {
     let req = FetchRequest {
         prefill_tps: engine.prefill_tokens_per_s(),
         ..cloud.fetch_request(engine)
     };
     let mut fetch = connect(req, t0).map_err(|e| (e.to_string(), None))?;
-    let header = fetch.header.clone();
+    let (header, projection) = (fetch.header.clone(), fetch.projection.clone());
     let failed = |e: String| (e, Some(header.tokens.clone()));
-    let first = header.first_layer;
-    let mut local = match first {
+    let n_layers = engine.model.config().n_layers;
+    let gates = match (cloud.mode, &projection) {
+        (KvMode::Fused, Some(p)) => Some(p.gates.clone()),
+        _ => None,
+    };
+    // The layers computed here.
+    let own = if gates.is_some() {
+        n_layers
+    } else {
+        header.first_layer
+    };
+    let mut local = match own {
         0 => None,
         _ if !header
             .positions
@@ -269,51 +334,73 @@ fn cloud_prefill(
         ),
     };
     let local_started = Instant::now();
-    let logits = session
-        .prefill_streamed(&header, prompt, &mut |l| match local.as_mut() {
-            Some(p) if l < first => {
+    let mut computed = |l: usize| -> Result<Option<LayerKv>, String> {
+        match local.as_mut() {
+            Some(p) if l < own => {
                 let kv = p.next_layer().ok_or("no such layer")?;
-                if l + 1 == first {
+                if l + 1 == own {
                     // The measured speed of this machine, for the next request's split.
                     let all_layers = local_started
                         .elapsed()
-                        .mul_f64(engine.model.config().n_layers as f64 / first as f64);
+                        .mul_f64(n_layers as f64 / own as f64);
                     engine.record_prefill(header.tokens.len(), all_layers);
                 }
-                Ok(kv)
+                Ok(Some(kv))
             }
-            _ => loop {
-                let broke = match fetch.layer(l, t0) {
-                    Ok(kv) => return Ok(kv),
-                    Err(e) if fetch.stats.resumes < MAX_RESUMES => e,
-                    Err(e) => return Err(e),
-                };
-                // Resume from this layer on a new connection: same codec, no new split, the same context.
-                let cloud = CloudContext {
-                    codec: Some(fetch.codec),
-                    ..cloud.clone()
-                };
-                let req = FetchRequest {
-                    from_layer: l as u32,
-                    ..cloud.fetch_request(engine)
-                };
-                let mut again = connect(req, t0)
-                    .map_err(|e| format!("{broke}; resuming from layer {l} failed: {e}"))?;
-                if again.header.tokens != header.tokens
-                    || again.header.positions != header.positions
-                {
-                    return Err(format!(
-                        "{broke}; on resuming, the cloud's context had changed"
-                    ));
-                }
-                again.resumes(std::mem::take(&mut fetch.stats));
-                fetch = again;
-            },
+            _ => Ok(None),
+        }
+    };
+    let mut streamed = |l: usize| -> Result<LayerKv, String> {
+        loop {
+            let broke = match fetch.layer(l, t0) {
+                Ok(kv) => return Ok(kv),
+                Err(e) if fetch.stats.resumes < MAX_RESUMES => e,
+                Err(e) => return Err(e),
+            };
+            // Resume from this layer on a new connection: same codec and mode, no new split, the same context.
+            let cloud = CloudContext {
+                codec: Some(fetch.codec),
+                ..cloud.clone()
+            };
+            let req = FetchRequest {
+                from_layer: l as u32,
+                ..cloud.fetch_request(engine)
+            };
+            let mut again = connect(req, t0)
+                .map_err(|e| format!("{broke}; resuming from layer {l} failed: {e}"))?;
+            if again.header.tokens != header.tokens
+                || again.header.positions != header.positions
+                || again.projection != projection
+            {
+                return Err(format!(
+                    "{broke}; on resuming, the cloud's context had changed"
+                ));
+            }
+            again.resumes(std::mem::take(&mut fetch.stats));
+            fetch = again;
+        }
+    };
+    let logits = session
+        .prefill_streamed(&header, prompt, &mut |l| {
+            Ok(match (computed(l)?, &gates) {
+                // Only layers whose gate reads the projected KV stream in fused mode.
+                (Some(kv), Some(g)) if g[l] > 0.0 => ContextLayer {
+                    kv,
+                    gated: Some((streamed(l)?, g[l])),
+                },
+                (Some(kv), _) => kv.into(),
+                (None, _) => streamed(l)?.into(),
+            })
         })
         .map_err(|e| failed(e.to_string()))?;
     let mut stats = fetch.stats;
-    stats.local_layers = first;
-    Ok((logits, fetch.codec, stats))
+    stats.local_layers = own;
+    Ok(CloudKv {
+        logits,
+        codec: fetch.codec,
+        projection,
+        fetch: stats,
+    })
 }
 
 /// How often one turn reconnects to resume a broken KV stream before it computes the context itself.

@@ -89,11 +89,17 @@ impl wit::GuestEngine for EngineHandle {
 
 fn cloud_context(c: wit::CloudContext) -> Result<CloudContext, String> {
     let codec = c.codec.map(|name| name.parse::<Codec>()).transpose()?;
+    let mode = c
+        .kv_mode
+        .map(|m| m.parse())
+        .transpose()?
+        .unwrap_or_default();
     Ok(CloudContext {
         cloud_url: c.url,
         model: c.model,
         context: c.context,
         codec,
+        mode,
         bandwidth_bps: c.bandwidth_bps,
         auth: c.auth,
         timeout: Duration::from_millis(c.timeout_ms as u64),
@@ -135,6 +141,8 @@ impl wit::GuestChatStream for ChatStream {
             kv_source: s.kv_source.into(),
             fallback_reason: s.fallback_reason,
             codec: s.codec,
+            kv_mode: s.kv_mode,
+            alignment: s.alignment,
             context_tokens: s.context_tokens,
             prompt_tokens: s.prompt_tokens,
             generated_tokens: s.generated_tokens,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tandem_common::codec::Codec;
 use tandem_common::kv::KvState;
+use tandem_common::wire::Projection;
 use tokio_tungstenite::tungstenite::Message;
 use web_time::Instant;
 
@@ -29,7 +30,7 @@ pub fn start(req: FetchRequest, started: Instant) -> Result<IncomingKv, FetchErr
         move || run(req, header_tx, layer_tx),
     )
     .map_err(|e| FetchError::Protocol(e.to_string()))?;
-    let (header, codec) = header_rx
+    let (header, codec, projection) = header_rx
         .recv_timeout(timeout)
         .map_err(|_| FetchError::Timeout(timeout))??;
     let next = Box::new(move || {
@@ -40,7 +41,13 @@ pub fn start(req: FetchRequest, started: Instant) -> Result<IncomingKv, FetchErr
             mpsc::RecvTimeoutError::Disconnected => "the connection ended".to_string(),
         })?
     });
-    Ok(IncomingKv::new(header, codec, started.elapsed(), next))
+    Ok(IncomingKv::new(
+        header,
+        codec,
+        projection,
+        started.elapsed(),
+        next,
+    ))
 }
 
 /// Runs the future `task()` makes on a new thread called `name`, with its own single-threaded tokio runtime (network
@@ -68,7 +75,7 @@ where
         .map(|_| ())
 }
 
-type HeaderTx = mpsc::Sender<Result<(KvState, Codec), FetchError>>;
+type HeaderTx = mpsc::Sender<Result<(KvState, Codec, Option<Projection>), FetchError>>;
 type LayerTx = mpsc::Sender<Result<ArrivedLayer, String>>;
 
 async fn run(req: FetchRequest, header_tx: HeaderTx, layer_tx: LayerTx) {
@@ -111,9 +118,13 @@ async fn converse(
     while !client.is_finished() {
         match client.receive(&next(&mut ws, timeout).await?)? {
             KvEvent::Reply(m) => send(&mut ws, m).await?,
-            KvEvent::Header { header, codec } => {
+            KvEvent::Header {
+                header,
+                codec,
+                projection,
+            } => {
                 if let Some(h) = header_tx.take() {
-                    let _ = h.send(Ok((header, codec)));
+                    let _ = h.send(Ok((header, codec, projection)));
                 }
             }
             KvEvent::Layer {

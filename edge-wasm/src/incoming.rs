@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tandem_common::codec::Codec;
 use tandem_common::kv::{KvState, LayerKv};
+use tandem_common::wire::Projection;
 use web_time::Instant;
 
 use crate::protocol::{FetchError, FetchRequest, KvClient, KvEvent};
@@ -24,6 +25,8 @@ pub struct IncomingKv {
     /// The context's tokens, positions and shape (no layers).
     pub header: KvState,
     pub codec: Codec,
+    /// How the layers were made, for a projected mode.
+    pub projection: Option<Projection>,
     pub stats: FetchStats,
     next: NextLayer,
 }
@@ -63,10 +66,17 @@ pub type Connect<'c> = dyn Fn(FetchRequest, Instant) -> Result<IncomingKv, Fetch
 
 impl IncomingKv {
     /// A fetch whose header arrived `header_after` the start, with `next` yielding its layers.
-    pub fn new(header: KvState, codec: Codec, header_after: Duration, next: NextLayer) -> Self {
+    pub fn new(
+        header: KvState,
+        codec: Codec,
+        projection: Option<Projection>,
+        header_after: Duration,
+        next: NextLayer,
+    ) -> Self {
         IncomingKv {
             header,
             codec,
+            projection,
             stats: FetchStats {
                 header_after,
                 ..Default::default()
@@ -137,7 +147,11 @@ pub fn fetch_over(
         let message = link.receive(timeout).map_err(FetchError::Protocol)?;
         match client.receive(&message)? {
             KvEvent::Reply(m) => link.send(m).map_err(FetchError::Protocol)?,
-            KvEvent::Header { header, codec } => {
+            KvEvent::Header {
+                header,
+                codec,
+                projection,
+            } => {
                 let next = Box::new(move || -> Result<ArrivedLayer, String> {
                     let message = link.receive(timeout)?;
                     match client.receive(&message).map_err(|e| e.to_string())? {
@@ -153,7 +167,13 @@ pub fn fetch_over(
                         other => Err(format!("expected a layer, got {}", other.kind())),
                     }
                 });
-                return Ok(IncomingKv::new(header, codec, started.elapsed(), next));
+                return Ok(IncomingKv::new(
+                    header,
+                    codec,
+                    projection,
+                    started.elapsed(),
+                    next,
+                ));
             }
             other => {
                 return Err(FetchError::Protocol(format!(

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tandem_common::codec::{Codec, KvShape, RopeParams, decode_layer};
 use tandem_common::engine::Engine;
 use tandem_common::kv::{KvState, LayerKv};
-use tandem_common::wire::{self, Frame, PROTOCOL_VERSION};
+use tandem_common::model::usable_gate;
+use tandem_common::wire::{self, Frame, KvMode, PROTOCOL_VERSION, Projection};
 use web_time::Instant;
 
 /// A shared context held by a cloud, and how to ask for it.
@@ -23,6 +24,8 @@ pub struct CloudContext {
     pub context: String,
     /// A codec to insist on; the cloud picks when `None`.
     pub codec: Option<Codec>,
+    /// Whose reading of the context to fetch: the edge model's own KV (default) or the cloud LLM's, projected.
+    pub mode: KvMode,
     /// This edge's download bandwidth, bits per second; when `None`, the rate measured on this process's last stream.
     pub bandwidth_bps: Option<u64>,
     pub auth: Option<String>,
@@ -98,8 +101,13 @@ pub enum FetchError {
 pub enum KvEvent {
     /// Send this message to the cloud.
     Reply(Vec<u8>),
-    /// The context's tokens, positions and shape (no layers), and the codec its layers come in.
-    Header { header: KvState, codec: Codec },
+    /// The context's tokens, positions and shape (no layers), the codec its layers come in, and for a projected
+    /// mode how they were made.
+    Header {
+        header: KvState,
+        codec: Codec,
+        projection: Option<Projection>,
+    },
     /// The next layer, decoded; `wire_bytes` is its payload's size.
     Layer {
         layer: usize,
@@ -134,7 +142,9 @@ enum Stage {
         shape: KvShape,
         codec: Codec,
         positions: Vec<u32>,
-        next: u32,
+        /// The layers that will come, in order, and how many have.
+        expected: Vec<u32>,
+        at: usize,
         started: Instant,
         received: usize,
     },
@@ -181,6 +191,7 @@ impl KvClient {
                     tokens: None,
                     codec: self.req.cloud.codec,
                     edge_prefill_tps: self.req.prefill_tps.map(|r| r as f32),
+                    mode: self.req.cloud.mode,
                 })))
             }
             (
@@ -192,19 +203,40 @@ impl KvClient {
                     kv_heads,
                     head_dim,
                     codec,
+                    projection,
                     ..
                 },
             ) => {
-                // The cloud sends every layer asked for, or leaves the lowest to this edge.
+                // The cloud sends every layer asked for, or leaves the lowest to this edge: in exact mode as it
+                // sees fit, in split mode the ones asked for.
+                let from = self.req.from_layer;
+                let first_ok = match self.req.cloud.mode {
+                    KvMode::Exact => layers.0 >= from,
+                    KvMode::Split { own_layers } => layers.0 == from.max(own_layers),
+                    KvMode::Fused => layers.0 == from,
+                };
                 if tokens.len() != positions.len()
                     || layers.1 != self.req.layers
-                    || layers.0 < self.req.from_layer
+                    || !first_ok
                     || layers.0 >= layers.1
                 {
                     return Err(FetchError::Protocol(format!(
                         "inconsistent context header: {} tokens, {} positions, layers {layers:?}",
                         tokens.len(),
                         positions.len()
+                    )));
+                }
+                check_projection(self.req.cloud.mode, projection.as_ref(), self.req.layers)?;
+                // Fused: only the layers whose gate reads the projected KV come.
+                let expected: Vec<u32> = (layers.0..layers.1)
+                    .filter(|&l| match (self.req.cloud.mode, &projection) {
+                        (KvMode::Fused, Some(p)) => p.gates[l as usize] > 0.0,
+                        _ => true,
+                    })
+                    .collect();
+                if expected.is_empty() {
+                    return Err(FetchError::Protocol(format!(
+                        "context header: no layer of {layers:?} to come"
                     )));
                 }
                 let shape = KvShape {
@@ -225,18 +257,24 @@ impl KvClient {
                     shape,
                     codec,
                     positions,
-                    next: layers.0,
+                    expected,
+                    at: 0,
                     started: Instant::now(),
                     received: 0,
                 };
-                Ok(KvEvent::Header { header, codec })
+                Ok(KvEvent::Header {
+                    header,
+                    codec,
+                    projection,
+                })
             }
             (
                 Stage::Layers {
                     shape,
                     codec,
                     positions,
-                    next,
+                    expected,
+                    at,
                     started,
                     received,
                 },
@@ -248,7 +286,7 @@ impl KvClient {
                     payload,
                 },
             ) => {
-                let l = *next;
+                let l = expected[*at];
                 if layer != l || c != *codec || tokens != (0, shape.tokens as u32) {
                     return Err(FetchError::Protocol(format!(
                         "expected layer {l} of tokens 0..{} in {codec}, got layer {layer} of {tokens:?} in {c}",
@@ -263,8 +301,8 @@ impl KvClient {
                 let kv = decode_layer(*codec, *shape, Some(self.req.rope.at(positions)), &payload)
                     .map_err(|e| FetchError::Protocol(format!("layer {l}: {e}")))?;
                 *received += payload.len();
-                *next += 1;
-                if *next == self.req.layers {
+                *at += 1;
+                if *at == expected.len() {
                     record_bandwidth(*received, started.elapsed());
                     self.stage = Stage::Done;
                 }
@@ -284,6 +322,27 @@ impl KvClient {
                 other.kind()
             ))),
         }
+    }
+}
+
+/// A projected mode's header must say how its layers were made, with a usable gate per layer; exact KV has none.
+fn check_projection(mode: KvMode, p: Option<&Projection>, layers: u32) -> Result<(), FetchError> {
+    let bad = |why: String| {
+        Err(FetchError::Protocol(format!(
+            "{mode} context header: {why}"
+        )))
+    };
+    match (mode, p) {
+        (KvMode::Exact, None) => Ok(()),
+        (KvMode::Exact, Some(p)) => bad(format!("projected by {} unasked", p.alignment)),
+        (_, None) => bad("no projection named".into()),
+        (_, Some(p)) if p.gates.len() != layers as usize => {
+            bad(format!("{} gates for {layers} layers", p.gates.len()))
+        }
+        (_, Some(p)) if !p.gates.iter().copied().all(usable_gate) => {
+            bad("a gate outside [0, 1]".into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -336,6 +395,7 @@ mod tests {
                 model: String::new(),
                 context: String::new(),
                 codec: None,
+                mode: KvMode::Exact,
                 bandwidth_bps: None,
                 auth: None,
                 timeout: Duration::ZERO,

@@ -146,6 +146,7 @@ pub mod answers {
             model: "smollm2".into(),
             context: id.into(),
             codec: Some(Codec::Lossless),
+            mode: Default::default(),
             bandwidth_bps: None,
             auth: token,
             timeout: Duration::from_secs(30),

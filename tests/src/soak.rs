@@ -219,6 +219,7 @@ pub fn run(cfg: &SoakConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<SoakRe
         model: cfg.model.clone(),
         context: id,
         codec: Some(Codec::Lossless),
+        mode: Default::default(),
         bandwidth_bps: None,
         auth: Some(token),
         timeout: cfg.edge_timeout,

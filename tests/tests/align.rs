@@ -22,6 +22,9 @@ fn self_alignment_maps_each_layer_to_itself_and_reconstructs_held_out_kv() {
         calibration_chunks: 3,
         held_out_chunks: 2,
         chunk_tokens: 160,
+        gate_chunks: 1,
+        gate_tokens: 12,
+        gate_bands: 2,
     };
     let f = fit(e, e, &manifest, opts, &mut |m| eprintln!("{m}")).unwrap();
     let a = &f.alignment;
@@ -82,7 +85,7 @@ fn self_alignment_maps_each_layer_to_itself_and_reconstructs_held_out_kv() {
         "{results:?}"
     );
     assert_eq!(exact.agreement, 1.0);
-    for r in [by("SLM + projected"), by("split")] {
+    for r in [by("SLM + projected"), by("split"), by("fused")] {
         assert!(
             (r.perplexity / exact.perplexity - 1.0).abs() < 0.02,
             "{results:?}"
@@ -90,6 +93,11 @@ fn self_alignment_maps_each_layer_to_itself_and_reconstructs_held_out_kv() {
         assert!(r.agreement > 0.9, "{results:?}");
     }
     assert!(by("split").wire_bytes_per_token < exact.wire_bytes_per_token);
+
+    // Gates are weights, fitted on calibration text, never worse there than the SLM's own KV alone.
+    assert_eq!(a.gates.len(), a.slm.layers);
+    assert!(a.gates.iter().all(|g| (0.0..=1.0).contains(g)));
+    assert!(f.gates.fused_perplexity <= f.gates.own_perplexity);
 
     // The artifact: round trip, id, and refusals naming what is wrong.
     let bytes = a.to_bytes();

@@ -27,6 +27,7 @@ fn cloud_context(cloud: &TestCloud, id: &str, codec: Option<Codec>) -> CloudCont
         model: "smollm2".into(),
         context: id.into(),
         codec,
+        mode: Default::default(),
         bandwidth_bps: None,
         auth: None,
         timeout: Duration::from_secs(30),
@@ -73,12 +74,7 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
     };
     let mut streamed = String::new();
     let (got, st) = chat_turn(e, &remote, &q, &opts, |_, t| streamed.push_str(t)).unwrap();
-    assert_eq!(
-        st.source,
-        KvSource::Cloud {
-            codec: Codec::Lossless
-        }
-    );
+    assert_eq!(st.source, KvSource::exact(Codec::Lossless));
     assert_eq!(got, want, "lossless cloud KV changed the answer");
     assert_eq!(
         st.context_tokens,
@@ -250,12 +246,7 @@ fn a_slow_link_leaves_the_lowest_layers_to_the_edge() {
         text: None,
     };
     let (got, st) = chat_turn(e, &remote(slow), &q, &opts, |_, _| {}).unwrap();
-    assert_eq!(
-        st.source,
-        KvSource::Cloud {
-            codec: Codec::Lossless
-        }
-    );
+    assert_eq!(st.source, KvSource::exact(Codec::Lossless));
     let local_layers = st.kv.local_layers;
     assert!(
         local_layers > n / 2 && local_layers < n,
@@ -300,13 +291,7 @@ fn a_broken_stream_resumes_from_the_layer_it_broke_at() {
             text: None,
         };
         let (got, st) = chat_turn(e, &remote, &q, &opts, |_, _| {}).unwrap();
-        assert_eq!(
-            st.source,
-            KvSource::Cloud {
-                codec: Codec::Lossless
-            },
-            "{fault:?}"
-        );
+        assert_eq!(st.source, KvSource::exact(Codec::Lossless), "{fault:?}");
         assert_eq!(st.kv.resumes, 1, "{fault:?}");
         assert_eq!(st.kv.layers + st.kv.local_layers, n, "{fault:?}");
         assert_eq!(got, want, "{fault:?}");
@@ -356,7 +341,7 @@ fn agreement(
             let mut s = e.session();
             s.set_precision(precision);
             let mut logits = s
-                .prefill_streamed(&header, prompt, &mut |l| f.layer(l, t0))
+                .prefill_streamed(&header, prompt, &mut |l| f.layer(l, t0).map(Into::into))
                 .unwrap();
             bytes = f.stats.kv_bytes;
             for &t in ids {
@@ -555,6 +540,7 @@ fn bad_input_over_the_socket_is_refused_clearly() {
                 tokens: None,
                 codec: None,
                 edge_prefill_tps: None,
+                mode: Default::default(),
             })
         };
         raw::send(&mut ws, request("ffff", (0, 30))).await;

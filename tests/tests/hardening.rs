@@ -51,6 +51,7 @@ fn request(id: &str) -> Vec<u8> {
         tokens: None,
         codec: Some(Codec::Lossless),
         edge_prefill_tps: None,
+        mode: Default::default(),
     })
 }
 
@@ -146,12 +147,7 @@ fn every_route_needs_a_valid_unexpired_token() {
     // With a good token: the cloud's lossless KV gives the local answer.
     let (got, source) =
         answers::from_cloud(&cloud.url(), &id, Some(good), "What is the cat called?");
-    assert_eq!(
-        source,
-        KvSource::Cloud {
-            codec: Codec::Lossless
-        }
-    );
+    assert_eq!(source, KvSource::exact(Codec::Lossless));
     assert_eq!(got, answers::local(CONTEXT, "What is the cat called?"));
 }
 

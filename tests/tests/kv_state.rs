@@ -174,7 +174,7 @@ fn streamed_context_equals_attached_context() {
     let got = streamed
         .prefill_streamed(&ctx, &b, &mut |l| {
             asked.push(l);
-            Ok(ctx.layers[l].clone())
+            Ok(ctx.layers[l].clone().into())
         })
         .unwrap();
     assert_eq!(asked, (0..e.model.config().n_layers).collect::<Vec<_>>());
@@ -184,7 +184,7 @@ fn streamed_context_equals_attached_context() {
     let err = broken
         .prefill_streamed(&ctx, &b, &mut |l| {
             if l < 5 {
-                Ok(ctx.layers[l].clone())
+                Ok(ctx.layers[l].clone().into())
             } else {
                 Err("connection reset".into())
             }
@@ -198,4 +198,58 @@ fn streamed_context_equals_attached_context() {
     let whole: Vec<u32> = a.iter().chain(&b).copied().collect();
     let local = broken.prefill(&whole).unwrap();
     assert_eq!(argmax(&local), argmax(&want));
+}
+
+/// The fused mode's second reading of the context, blended by a gate: the same KV again changes nothing, gate 0
+/// leaves it out, and a different reading moves the answer the more, the larger its gate.
+#[test]
+fn gated_second_reading_of_the_context() {
+    let e = engine("smollm2");
+    let n = e.model.config().n_layers;
+    let tok = &e.tokenizer;
+    let a = tok
+        .encode("<|im_start|>system\nThe cat is called Miso and sleeps on the piano.<|im_end|>\n")
+        .unwrap();
+    let b = tok
+        .encode("<|im_start|>user\nWhat is the cat called?<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let ctx = e.prefill_kv(&a).unwrap();
+    let logits = |gated: Option<(&KvState, f32)>| {
+        let mut s = e.session();
+        s.set_precision(Precision::F32);
+        s.attach_context(&ctx).unwrap();
+        if let Some((kv, g)) = gated {
+            s.attach_gated(kv, &vec![g; n]).unwrap();
+        }
+        s.prefill(&b).unwrap()
+    };
+    let alone = logits(None);
+    assert!(max_abs_diff(&alone, &logits(Some((&ctx, 0.5)))) < 1e-3);
+    assert!(max_abs_diff(&alone, &logits(Some((&ctx, 1.0)))) < 1e-3);
+    assert_eq!(alone, logits(Some((&ctx, 0.0))));
+
+    let mut other = ctx.clone();
+    for l in &mut other.layers {
+        l.v.iter_mut().for_each(|x| *x = -*x);
+    }
+    let (strong, weak) = (
+        max_abs_diff(&alone, &logits(Some((&other, 1.0)))),
+        max_abs_diff(&alone, &logits(Some((&other, 0.1)))),
+    );
+    eprintln!("a negated reading moves the logits by {strong} at gate 1, {weak} at gate 0.1");
+    assert!(strong > 1.0 && weak < strong / 4.0, "{strong} vs {weak}");
+
+    let mut s = e.session();
+    s.attach_context(&ctx).unwrap();
+    assert!(matches!(
+        s.attach_gated(&ctx, &vec![0.0; n - 1]),
+        Err(SessionError::Kv(KvError::WrongShape { .. }))
+    ));
+    assert!(s.attach_gated(&ctx, &vec![f32::NAN; n]).is_err());
+    assert!(s.attach_gated(&ctx, &vec![1.5; n]).is_err());
+    let shorter = e.prefill_kv(&a[..a.len() - 1]).unwrap();
+    assert!(matches!(
+        s.attach_gated(&shorter, &vec![0.0; n]),
+        Err(SessionError::Kv(KvError::Corrupt(_)))
+    ));
 }

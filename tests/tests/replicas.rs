@@ -30,12 +30,7 @@ fn a_context_registered_on_one_replica_streams_from_another_without_a_second_pre
     assert_eq!(status, 200);
     assert!(list.contains(&id), "{list}");
     let (got, source) = answers::from_cloud(&b.url(), &id, None, "Who fixed the antenna?");
-    assert_eq!(
-        source,
-        KvSource::Cloud {
-            codec: Codec::Lossless
-        }
-    );
+    assert_eq!(source, KvSource::exact(Codec::Lossless));
     assert_eq!(
         got,
         answers::local(CONTEXT, "Who fixed the antenna?"),

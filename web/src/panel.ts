@@ -22,7 +22,7 @@ export function showStats(root: HTMLElement, engine: EngineStats, s: TurnStats):
   field(root, "backend", engine.webgpu.adapter ? `${cpu} (WebGPU seen: ${engine.webgpu.adapter})` : cpu);
   const source =
     s.kv_source === "cloud"
-      ? `cloud, codec ${s.codec}${s.kv_local_layers > 0 ? `; lowest ${s.kv_local_layers} layers computed here` : ""}`
+      ? `cloud, ${s.kv_mode && s.kv_mode !== "exact" ? `${s.kv_mode} (alignment ${s.alignment?.slice(0, 8)}), ` : ""}codec ${s.codec}${s.kv_local_layers > 0 ? `; ${s.kv_local_layers} context layers computed here` : ""}`
       : s.kv_source === "local"
         ? `computed here: ${s.fallback_reason}`
         : "no context";

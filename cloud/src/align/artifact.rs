@@ -8,12 +8,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tandem_common::codec::RopeParams;
 use tandem_common::kv::KvState;
+use tandem_common::model::usable_gate;
 
 use super::features::{layer_from_rows, layer_rows};
 use super::ridge::Affine;
 
 const MAGIC: &[u8; 12] = b"TANDEMALIGN\0";
-pub const FORMAT: u32 = 1;
+/// 2: fused-mode gates added.
+pub const FORMAT: u32 = 2;
 
 /// One side of the pair: the model's weights fingerprint and KV geometry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +45,9 @@ pub struct Alignment {
     pub llm: Side,
     pub slm: Side,
     pub layers: Vec<LayerMap>,
+    /// The fused mode's gate per SLM layer: the weight in [0, 1] attention over the projected LLM KV gets, blended
+    /// with attention over the SLM's own KV of the same context (0: not used in that layer); fitted on calibration.
+    pub gates: Vec<f32>,
     /// sha256 of the calibration manifest it was fitted on.
     pub calibration: String,
 }
@@ -96,6 +101,13 @@ impl Alignment {
                     "layer map {i} does not fit the models"
                 )));
             }
+        }
+        if a.gates.len() != a.slm.layers || !a.gates.iter().copied().all(usable_gate) {
+            return Err(AlignError::Corrupt(format!(
+                "{} gates for an SLM of {} layers (each in [0, 1])",
+                a.gates.len(),
+                a.slm.layers
+            )));
         }
         if a.layers.len() != a.slm.layers {
             return Err(AlignError::Corrupt(format!(

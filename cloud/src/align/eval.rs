@@ -9,10 +9,10 @@ use serde::Serialize;
 use tandem_common::engine::Engine;
 use tandem_common::kv::KvState;
 use tandem_common::model::LayerwisePrefill;
-use tandem_common::sample::argmax;
 
 use super::artifact::Alignment;
 use super::calibration::{Manifest, Split};
+use super::score::{Scored, score};
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -51,41 +51,6 @@ pub struct ModeResult {
 pub struct Evaluation {
     pub files: usize,
     pub modes: Vec<ModeResult>,
-}
-
-/// Negative log-likelihood sum, count, and the top token at each scored position.
-#[derive(Clone)]
-struct Scored {
-    nll: f64,
-    count: usize,
-    top: Vec<u32>,
-}
-
-/// Scores `continuation[1..]` after `context` (teacher-forced: each step is fed the true previous token).
-fn score(e: &Engine, context: Option<&KvState>, continuation: &[u32]) -> anyhow::Result<Scored> {
-    let mut s = e.session();
-    if let Some(kv) = context {
-        s.attach_context(kv)?;
-    }
-    let mut out = Scored {
-        nll: 0.0,
-        count: 0,
-        top: Vec::new(),
-    };
-    for w in continuation.windows(2) {
-        let logits = s.decode(w[0])?;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + logits
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        out.nll += lse - logits[w[1] as usize] as f64;
-        out.count += 1;
-        out.top.push(argmax(&logits));
-    }
-    Ok(out)
 }
 
 /// The SLM's own KV of its lowest `k` layers (computed layer by layer, as an edge does) with the projected rest.
@@ -139,6 +104,12 @@ pub fn evaluate(
             (n_layers - k) as f64 * f16_layer,
         ));
     }
+    // The fused mode: the SLM computes its own context KV and attends to the projected KV where a gate is set.
+    let fused_layers = alignment.gates.iter().filter(|&&g| g > 0.0).count();
+    modes.push((
+        format!("fused: own KV + projected in {fused_layers} gated layers"),
+        fused_layers as f64 * f16_layer,
+    ));
     modes.push(("LLM alone".into(), 0.0));
     let mut nll = vec![0.0; modes.len()];
     let mut agree = vec![0usize; modes.len()];
@@ -163,20 +134,30 @@ pub fn evaluate(
         let own = slm.prefill_kv(context)?;
         let own_ms = t0.elapsed().as_secs_f64() * 1e3;
         let projected = alignment.project(&llm_kv)?;
-        let reference = score(llm, Some(&llm_kv), continuation)?;
+        let reference = score(llm, Some(&llm_kv), None, continuation)?;
 
         // The exact KV is the SLM's own (a lossless stream equals a local prefill): one score, two costs.
-        let exact = score(slm, Some(&own), continuation)?;
+        let exact = score(slm, Some(&own), None, continuation)?;
         let mut runs: Vec<(Scored, f64)> = vec![
-            (score(slm, None, continuation)?, 0.0),
+            (score(slm, None, None, continuation)?, 0.0),
             (exact.clone(), own_ms),
-            (exact, 0.0),
-            (score(slm, Some(&projected), continuation)?, 0.0),
+            (exact.clone(), 0.0),
+            (score(slm, Some(&projected), None, continuation)?, 0.0),
         ];
         for &k in &splits {
             let (kv, ms) = split(slm, context, &projected, k)?;
-            runs.push((score(slm, Some(&kv), continuation)?, ms));
+            runs.push((score(slm, Some(&kv), None, continuation)?, ms));
         }
+        let fused = match fused_layers {
+            0 => exact,
+            _ => score(
+                slm,
+                Some(&own),
+                Some((&projected, &alignment.gates)),
+                continuation,
+            )?,
+        };
+        runs.push((fused, own_ms));
         let reference_top = reference.top.clone();
         runs.push((reference, 0.0));
         for (i, (s, ms)) in runs.iter().enumerate() {

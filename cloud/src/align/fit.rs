@@ -9,6 +9,7 @@ use tandem_common::engine::Engine;
 use super::artifact::{Alignment, LayerMap, Side};
 use super::calibration::{Manifest, Split};
 use super::features::layer_rows;
+use super::gate::{GateFit, GateSample, fit_gates};
 use super::ridge::{LAMBDAS, fit_validated, relative_error};
 use super::similarity::{Centered, cka, monotone_map};
 
@@ -19,6 +20,11 @@ pub struct FitOptions {
     pub held_out_chunks: usize,
     /// Tokens per chunk (from the start of each file).
     pub chunk_tokens: usize,
+    /// Fused-mode gates: calibration chunks scored per trial, the continuation scored at the end of each, and
+    /// the bands of layers that share a gate.
+    pub gate_chunks: usize,
+    pub gate_tokens: usize,
+    pub gate_bands: usize,
 }
 
 impl Default for FitOptions {
@@ -27,6 +33,9 @@ impl Default for FitOptions {
             calibration_chunks: 12,
             held_out_chunks: 6,
             chunk_tokens: 384,
+            gate_chunks: 4,
+            gate_tokens: 32,
+            gate_bands: 4,
         }
     }
 }
@@ -47,6 +56,7 @@ pub struct Fitted {
     pub sim_k: Vec<Vec<f64>>,
     pub sim_v: Vec<Vec<f64>>,
     pub held_out: Vec<HeldOutError>,
+    pub gates: GateFit,
     pub calibration_tokens: usize,
     pub held_out_tokens: usize,
 }
@@ -208,14 +218,24 @@ pub fn fit(
             lambda: (lk, lv),
         });
     }
-    let alignment = Alignment {
+    let mut alignment = Alignment {
         llm: side(llm),
         slm: side(slm),
         layers,
+        gates: vec![0.0; ns],
         calibration: manifest.hash(),
     };
     let calibration_tokens = big.tokens;
     drop((big, small));
+
+    progress("fused-mode gates on calibration continuations");
+    let samples = cal
+        .iter()
+        .take(o.gate_chunks.max(1))
+        .map(|c| GateSample::new(llm, slm, &alignment, c, o.gate_tokens))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let gates = fit_gates(slm, &samples, o.gate_bands, progress)?;
+    alignment.gates = gates.gates.clone();
 
     let (hb, hs) = (
         Rows::read(llm, &held, progress)?,
@@ -236,6 +256,7 @@ pub fn fit(
         sim_k,
         sim_v,
         held_out,
+        gates,
         calibration_tokens,
         held_out_tokens: hb.tokens,
     })

@@ -8,8 +8,10 @@ pub mod calibration;
 pub mod eval;
 pub mod features;
 pub mod fit;
+pub mod gate;
 pub mod heatmap;
 pub mod ridge;
+pub mod score;
 pub mod similarity;
 
 use std::fmt::Write;
@@ -85,5 +87,12 @@ pub fn report(f: &Fitted) -> String {
             m.slm_layer, m.llm_layer, m.cka.0, m.cka.1, m.lambda.0, m.lambda.1, e.k, e.v
         );
     }
+    let g = &f.gates;
+    let _ = writeln!(
+        out,
+        "\nfused-mode gates (weight of the projected KV per SLM layer; 0: unused): {:?}\n\
+         calibration perplexity: SLM's own KV {:.3}, fused {:.3}",
+        g.gates, g.own_perplexity, g.fused_perplexity
+    );
     out
 }

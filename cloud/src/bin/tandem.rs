@@ -59,6 +59,14 @@ struct AlignArgs {
     held_out: usize,
     #[arg(long, default_value_t = 384)]
     chunk_tokens: usize,
+    /// Fused-mode gates: calibration chunks scored per trial, tokens scored at the end of each, bands of layers
+    /// sharing a gate.
+    #[arg(long, default_value_t = 4)]
+    gate_chunks: usize,
+    #[arg(long, default_value_t = 32)]
+    gate_tokens: usize,
+    #[arg(long, default_value_t = 4)]
+    gate_bands: usize,
     /// Where the artifact (alignment.bin), calibration.json, similarity.png and report.txt go.
     #[arg(long, default_value = "target/align")]
     out: PathBuf,
@@ -124,6 +132,11 @@ struct ChatArgs {
     /// Insist on a KV codec (lossless, f16, q8, pca8, q4, pca4, pca2, q2); by default the cloud picks.
     #[arg(long)]
     codec: Option<tandem_common::codec::Codec>,
+    /// Whose reading of the context: exact (the edge model's own KV), split:K (K lowest layers computed here, the
+    /// rest the cloud LLM's KV projected) or fused (own KV plus the projected, gated); the projected modes need a
+    /// cloud serving an alignment (tandem serve --alignment).
+    #[arg(long, default_value = "exact")]
+    kv_mode: tandem_common::wire::KvMode,
     /// This edge's download bandwidth in Mbit/s, reported to the cloud for its codec choice (default: none, or in a
     /// long-lived edge the rate its last stream was delivered at).
     #[arg(long)]
@@ -298,6 +311,9 @@ fn align(args: AlignArgs) -> Result<()> {
         calibration_chunks: args.chunks,
         held_out_chunks: args.held_out,
         chunk_tokens: args.chunk_tokens,
+        gate_chunks: args.gate_chunks,
+        gate_tokens: args.gate_tokens,
+        gate_bands: args.gate_bands,
     };
     let t0 = Instant::now();
     let fitted = align::fit(&llm, &slm, &manifest, opts, &mut |m| {
@@ -364,6 +380,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             model: args.model.clone(),
             context: id.clone(),
             codec: args.codec,
+            mode: args.kv_mode,
             bandwidth_bps: args.bandwidth_mbps.map(|m| (m * 1e6) as u64),
             auth: args.token.clone(),
             timeout: std::time::Duration::from_secs_f64(args.timeout),
@@ -394,8 +411,16 @@ fn chat(args: ChatArgs) -> Result<()> {
     )?;
     println!();
     let source = match &stats.source {
-        KvSource::Cloud { codec } => format!(
-            "context KV from the cloud ({codec}, {:.1} KB, all layers after {:.0} ms)",
+        KvSource::Cloud {
+            codec,
+            mode,
+            alignment,
+        } => format!(
+            "context KV from the cloud ({mode}{}, {codec}, {:.1} KB, all layers after {:.0} ms)",
+            alignment
+                .as_deref()
+                .map(|a| format!(" by alignment {a}"))
+                .unwrap_or_default(),
             stats.kv.kv_bytes as f64 / 1e3,
             stats.kv.done_after.as_secs_f64() * 1e3
         ),

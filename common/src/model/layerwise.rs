@@ -58,7 +58,7 @@ impl<'m> LayerwisePrefill<'m> {
                 block,
                 h.clone(),
                 rope,
-                None,
+                (None, None),
                 &mut kv,
                 Precision::default(),
                 None,

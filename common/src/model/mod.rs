@@ -19,11 +19,11 @@ pub use config::{Arch, ModelConfig, RopeStyle, rope_frequencies};
 pub use layerwise::LayerwisePrefill;
 pub use qmatrix::{QMatrix, QuantOps, q_linear};
 pub use query_energy::QueryEnergy;
-pub use session::{Session, SessionError};
+pub use session::{ContextLayer, Session, SessionError, usable_gate};
 
 use crate::attention::{self, Partial};
 use crate::gguf::{Gguf, GgufError};
-use crate::kv::DeviceKv;
+use crate::kv::{Blend, DeviceKv, LayerContext};
 use crate::quant::Precision;
 
 /// A linear layer with quantized weight and optional float bias.
@@ -194,14 +194,14 @@ impl Model {
         &self.fingerprint
     }
 
-    /// Runs `tokens` at positions `start..` through all layers. `ctx(l)` gives layer l's shared-context KV (may be
-    /// absent; it is asked for just before layer l runs, so it may still be arriving); `own[l]` is the session's KV,
-    /// which this call extends. Returns the logits of the last token.
+    /// Runs `tokens` at positions `start..` through all layers. `ctx(l)` gives layer l's shared context (maybe none;
+    /// it is asked for just before layer l runs, so it may still be arriving); `own[l]` is the session's KV, which
+    /// this call extends. Returns the logits of the last token.
     pub(crate) fn forward<E>(
         &self,
         tokens: &[u32],
         start: usize,
-        ctx: &mut dyn FnMut(usize) -> Result<Option<DeviceKv>, E>,
+        ctx: &mut dyn FnMut(usize) -> Result<LayerContext, E>,
         own: &mut [DeviceKv],
         p: Precision,
         mut energy: Option<&mut QueryEnergy>,
@@ -210,9 +210,10 @@ impl Model {
         let mut h = self.embed(tokens);
         let rope = self.rope(start, tokens.len());
         for (l, block) in self.blocks.iter().enumerate() {
-            let ctx = ctx(l)?;
             let energy = energy.as_deref_mut().map(|e| (l, e));
-            h = self.block(block, h, &rope, ctx.as_ref(), &mut own[l], p, energy);
+            let (ctx, blend) = ctx(l)?;
+            let ctx = (ctx.as_ref(), blend.as_ref());
+            h = self.block(block, h, &rope, ctx, &mut own[l], p, energy);
         }
         let last = h.narrow(0, tokens.len() - 1, 1);
         let logits = q_linear(self.norm.forward(last), &self.output, None, p);
@@ -282,7 +283,7 @@ impl Model {
         b: &Block,
         h: Tensor<2>,
         rope: &Rope,
-        ctx: Option<&DeviceKv>,
+        (ctx, blend): (Option<&DeviceKv>, Option<&Blend>),
         own: &mut DeviceKv,
         p: Precision,
         energy: Option<(usize, &mut QueryEnergy)>,
@@ -331,10 +332,12 @@ impl Model {
             att
         };
         if let Some(ctx) = ctx.filter(|c| !c.is_empty()) {
-            att = attention::merge(
-                attention::attend(q, ctx.k.clone(), ctx.v.clone(), None),
-                att,
-            );
+            let mut part = attention::attend(q.clone(), ctx.k.clone(), ctx.v.clone(), None);
+            if let Some(b) = blend.filter(|b| b.weight > 0.0) {
+                let other = attention::attend(q, b.kv.k.clone(), b.kv.v.clone(), None);
+                part = attention::blend(part, other, b.weight);
+            }
+            att = attention::merge(part, att);
         }
         let o = att
             .out

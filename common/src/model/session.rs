@@ -3,7 +3,7 @@
 use burn::tensor::Tensor;
 
 use super::{Model, QueryEnergy};
-use crate::kv::{DeviceKv, KvError, KvState, LayerKv};
+use crate::kv::{Blend, DeviceKv, KvError, KvState, LayerContext, LayerKv};
 use crate::quant::Precision;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -28,6 +28,19 @@ pub enum SessionError {
     Stream { layer: usize, reason: String },
 }
 
+/// One context layer as a streamed prefill receives it: the context's KV, and optionally a second reading of the
+/// same tokens with its gate (see [`Session::attach_gated`]).
+pub struct ContextLayer {
+    pub kv: LayerKv,
+    pub gated: Option<(LayerKv, f32)>,
+}
+
+impl From<LayerKv> for ContextLayer {
+    fn from(kv: LayerKv) -> Self {
+        ContextLayer { kv, gated: None }
+    }
+}
+
 /// Tokens run through the model at once by a prefill; longer inputs go in chunks of this size.
 pub const PREFILL_CHUNK: usize = 128;
 
@@ -38,6 +51,8 @@ pub struct Session<'m> {
     ctx: Vec<Option<DeviceKv>>,
     ctx_tokens: Vec<u32>,
     ctx_positions: Vec<u32>,
+    /// Per layer, a second reading of the context's tokens with its gate ([`attach_gated`](Self::attach_gated)).
+    gated: Vec<Option<Blend>>,
     /// The session's own KV per layer, and its tokens.
     own: Vec<DeviceKv>,
     own_tokens: Vec<u32>,
@@ -55,6 +70,7 @@ impl<'m> Session<'m> {
             ctx: vec![None; c.n_layers],
             ctx_tokens: Vec::new(),
             ctx_positions: Vec::new(),
+            gated: vec![None; c.n_layers],
             own: vec![
                 DeviceKv {
                     k: empty.clone(),
@@ -145,6 +161,63 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
+    /// Adds, next to the attached context, a second reading of the same tokens: `kv` (another model's KV of the
+    /// context, projected into this model's space), whose attention in layer l is blended with the context's own
+    /// with weight `gates[l]` in [0, 1] (CE-LSLM's fused mode; 0 leaves a layer's out).
+    pub fn attach_gated(&mut self, kv: &KvState, gates: &[f32]) -> Result<(), SessionError> {
+        if !self.own_tokens.is_empty() {
+            return Err(SessionError::ContextAfterTokens);
+        }
+        let c = self.model.config();
+        kv.validate()?;
+        if kv.model != self.model.fingerprint()
+            || kv.kv_heads != c.n_kv_heads
+            || kv.head_dim != c.head_dim
+            || kv.first_layer + kv.layers.len() > c.n_layers
+            || gates.len() != c.n_layers
+            || !gates.iter().copied().all(usable_gate)
+        {
+            return Err(KvError::WrongShape {
+                found: format!(
+                    "{} layers from {}, {} heads × {}, {} gates",
+                    kv.layers.len(),
+                    kv.first_layer,
+                    kv.kv_heads,
+                    kv.head_dim,
+                    gates.len()
+                ),
+                expected: format!(
+                    "{} layers, {} heads × {}, a gate in [0, 1] per layer",
+                    c.n_layers, c.n_kv_heads, c.head_dim
+                ),
+            }
+            .into());
+        }
+        if kv.tokens != self.ctx_tokens || kv.positions != self.ctx_positions {
+            return Err(KvError::Corrupt(
+                "a gated reading must cover the attached context's tokens".into(),
+            )
+            .into());
+        }
+        for (i, l) in kv.layers.iter().enumerate() {
+            let at = kv.first_layer + i;
+            self.gated[at] = Some(self.gated_segment(l, gates[at]));
+        }
+        Ok(())
+    }
+
+    fn gated_segment(&self, l: &LayerKv, gate: f32) -> Blend {
+        let c = self.model.config();
+        let kv = DeviceKv::upload(
+            l,
+            c.n_kv_heads,
+            self.ctx_tokens.len(),
+            c.head_dim,
+            self.model.device(),
+        );
+        Blend { kv, weight: gate }
+    }
+
     /// From now on, measures how strongly this session's queries read each key channel pair (for the KV codec).
     pub fn record_query_energy(&mut self) {
         let c = self.model.config();
@@ -158,7 +231,7 @@ impl<'m> Session<'m> {
 
     /// Runs `tokens` through the model, extending the session; returns the next-token logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
-        let ctx = &self.ctx;
+        let (ctx, gated) = (&self.ctx, &self.gated);
         run(
             self.model,
             (&mut self.own[..], &mut self.own_tokens),
@@ -166,7 +239,7 @@ impl<'m> Session<'m> {
             self.precision,
             tokens,
             self.ctx_tokens.len(),
-            &mut |l| Ok(ctx[l].clone()),
+            &mut |l| Ok(segments(&ctx[l], &gated[l])),
         )
     }
 
@@ -178,12 +251,13 @@ impl<'m> Session<'m> {
         &mut self,
         header: &KvState,
         tokens: &[u32],
-        next_layer: &mut dyn FnMut(usize) -> Result<LayerKv, String>,
+        next_layer: &mut dyn FnMut(usize) -> Result<ContextLayer, String>,
     ) -> Result<Vec<f32>, SessionError> {
         let before = (
             self.ctx.clone(),
             self.ctx_tokens.clone(),
             self.ctx_positions.clone(),
+            self.gated.clone(),
         );
         self.attach_context(&KvState {
             layers: Vec::new(),
@@ -191,7 +265,7 @@ impl<'m> Session<'m> {
         })?;
         let (model, n) = (self.model, header.len());
         let c = model.config();
-        let ctx = &mut self.ctx;
+        let (ctx, gated) = (&mut self.ctx, &mut self.gated);
         let own = (&mut self.own[..], &mut self.own_tokens);
         let result = run(
             model,
@@ -205,28 +279,37 @@ impl<'m> Session<'m> {
                     let layer = next_layer(l)
                         .map_err(|reason| SessionError::Stream { layer: l, reason })?;
                     let want = c.n_kv_heads * n * c.head_dim;
-                    if layer.k.len() != want || layer.v.len() != want {
-                        return Err(SessionError::Stream {
-                            layer: l,
-                            reason: format!(
-                                "layer holds {} values, the context needs {want}",
-                                layer.k.len()
-                            ),
+                    let upload = |kv: &LayerKv| {
+                        if kv.k.len() != want || kv.v.len() != want {
+                            return Err(SessionError::Stream {
+                                layer: l,
+                                reason: format!(
+                                    "layer holds {} values, the context needs {want}",
+                                    kv.k.len()
+                                ),
+                            });
+                        }
+                        Ok(DeviceKv::upload(
+                            kv,
+                            c.n_kv_heads,
+                            n,
+                            c.head_dim,
+                            model.device(),
+                        ))
+                    };
+                    ctx[l] = Some(upload(&layer.kv)?);
+                    if let Some((kv, gate)) = &layer.gated {
+                        gated[l] = Some(Blend {
+                            kv: upload(kv)?,
+                            weight: *gate,
                         });
                     }
-                    ctx[l] = Some(DeviceKv::upload(
-                        &layer,
-                        c.n_kv_heads,
-                        n,
-                        c.head_dim,
-                        model.device(),
-                    ));
                 }
-                Ok(ctx[l].clone())
+                Ok(segments(&ctx[l], &gated[l]))
             },
         );
         if result.is_err() {
-            (self.ctx, self.ctx_tokens, self.ctx_positions) = before;
+            (self.ctx, self.ctx_tokens, self.ctx_positions, self.gated) = before;
         }
         result
     }
@@ -236,7 +319,7 @@ impl<'m> Session<'m> {
         self.prefill(&[token])
     }
 
-    /// The KV of everything in the session (context then own tokens), all layers.
+    /// The KV of everything in the session (context then own tokens), all layers; a gated reading is not part of it.
     pub fn export(&self) -> KvState {
         let c = self.model.config();
         let n = self.len();
@@ -283,6 +366,15 @@ impl<'m> Session<'m> {
     }
 }
 
+/// A gate attention can use: a weight in [0, 1].
+pub fn usable_gate(g: f32) -> bool {
+    (0.0..=1.0).contains(&g)
+}
+
+fn segments(ctx: &Option<DeviceKv>, gated: &Option<Blend>) -> LayerContext {
+    (ctx.clone(), gated.clone())
+}
+
 /// Refuses an empty token list, ids outside the vocabulary, and `tokens` that would not fit after `used` others.
 pub(super) fn check_tokens(
     c: &super::ModelConfig,
@@ -314,7 +406,7 @@ fn run(
     precision: Precision,
     tokens: &[u32],
     ctx_len: usize,
-    ctx: &mut dyn FnMut(usize) -> Result<Option<DeviceKv>, SessionError>,
+    ctx: &mut dyn FnMut(usize) -> Result<LayerContext, SessionError>,
 ) -> Result<Vec<f32>, SessionError> {
     check_tokens(model.config(), tokens, ctx_len + own_tokens.len())?;
     let own_before = own_tokens.len();

@@ -57,6 +57,9 @@ struct ChatArgs {
     context_file: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
+    /// Whose reading of the context: exact, split:K or fused (see `tandem chat --help`).
+    #[arg(long)]
+    kv_mode: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_tokens: u32,
     /// Seconds to wait for the cloud before falling back.
@@ -99,6 +102,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             model: args.model.clone(),
             context,
             codec: None,
+            kv_mode: args.kv_mode,
             bandwidth_bps: None,
             auth: None,
             timeout_ms: args.timeout * 1000,
@@ -131,7 +135,13 @@ fn chat(args: ChatArgs) -> Result<()> {
         "[context: {} tokens from {}{}{} · {} KV bytes · TTFT {:.0} ms · {:.1} tok/s]",
         stats.context_tokens,
         stats.kv_source,
-        stats.codec.map(|c| format!(" ({c})")).unwrap_or_default(),
+        stats
+            .codec
+            .map(|c| format!(
+                " ({}{c})",
+                stats.kv_mode.map(|m| m + ", ").unwrap_or_default()
+            ))
+            .unwrap_or_default(),
         stats
             .fallback_reason
             .map(|r| format!(": {r}"))

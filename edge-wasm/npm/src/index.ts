@@ -82,7 +82,14 @@ export class Engine {
       messages: req.messages,
       context: ctx && {
         cloud: ctx.id
-          ? { url: this.cloudUrl, context: ctx.id, codec: ctx.codec, timeout_ms: ctx.timeoutMs, auth: this.token }
+          ? {
+              url: this.cloudUrl,
+              context: ctx.id,
+              codec: ctx.codec,
+              kv_mode: ctx.kvMode,
+              timeout_ms: ctx.timeoutMs,
+              auth: this.token,
+            }
           : undefined,
         text: ctx.text,
       },

@@ -18,7 +18,15 @@ export type EngineRequest =
 export interface WorkerChatRequest {
   messages: { role: string; content: string }[];
   context?: {
-    cloud?: { url: string; context: string; codec?: string; bandwidth_bps?: number; auth?: string; timeout_ms?: number };
+    cloud?: {
+      url: string;
+      context: string;
+      codec?: string;
+      kv_mode?: string;
+      bandwidth_bps?: number;
+      auth?: string;
+      timeout_ms?: number;
+    };
     text?: string;
   };
   max_tokens?: number;

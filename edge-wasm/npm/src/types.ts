@@ -35,6 +35,10 @@ export interface TurnStats {
   kv_source: "cloud" | "local" | "none";
   fallback_reason: string | null;
   codec: string | null;
+  /// Whose reading of the context came (`exact`, `split:K`, `fused`; cloud KV only), and the alignment a projected
+  /// mode used.
+  kv_mode: string | null;
+  alignment: string | null;
   context_tokens: number;
   prompt_tokens: number;
   generated_tokens: number;
@@ -73,6 +77,9 @@ export interface ContextRef {
   text?: string;
   /// A KV codec to insist on (`lossless`, `f16`, `q8`, `pca8`, `q4`, `pca4`, `pca2`, `q2`); the cloud picks by bandwidth otherwise.
   codec?: string;
+  /// `exact` (default: the edge model's own KV), `split:K` (the K lowest layers computed here, the rest the cloud
+  /// LLM's KV projected) or `fused` (own KV plus the projected, gated); projected modes need a cloud with an alignment.
+  kvMode?: string;
   timeoutMs?: number;
 }
 

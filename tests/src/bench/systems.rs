@@ -140,6 +140,7 @@ impl Request<'_> {
             model: self.model.to_string(),
             context: self.context_id.to_string(),
             codec,
+            mode: Default::default(),
             bandwidth_bps: Some(self.bits_per_s as u64),
             auth: None,
             timeout: Duration::from_secs(300),
@@ -164,7 +165,7 @@ pub fn run(system: System, r: &Request) -> Sample {
         Ok(st) => {
             let g = &st.generate;
             let (codec, fallback) = match &st.source {
-                KvSource::Cloud { codec } => (Some(codec.to_string()), None),
+                KvSource::Cloud { codec, .. } => (Some(codec.to_string()), None),
                 KvSource::Local { reason } if system != System::EdgeOnly => {
                     (None, Some(reason.clone()))
                 }
@@ -231,6 +232,7 @@ fn fetch_everything_first(req: FetchRequest, t0: Instant) -> Result<IncomingKv, 
     Ok(IncomingKv::new(
         f.header,
         f.codec,
+        f.projection,
         f.stats.header_after,
         next,
     ))

@@ -108,6 +108,7 @@ fn main() {
         model: a.model.clone(),
         context: id.clone(),
         codec,
+        mode: Default::default(),
         bandwidth_bps: Some(link.bits_per_s as u64),
         auth: None,
         timeout: Duration::from_secs(120),
@@ -158,7 +159,7 @@ fn main() {
             text: None,
         };
         let (_, st) = chat_turn(e, &src, &messages, &one, |_, _| {}).expect("cloud turn");
-        let KvSource::Cloud { codec: used } = st.source else {
+        let KvSource::Cloud { codec: used, .. } = st.source else {
             panic!("the cloud path fell back: {:?}", st.source)
         };
         let ttft = st.ttft.as_secs_f64();

@@ -434,6 +434,7 @@ fn edge_rates(
         model: model.into(),
         context: id.into(),
         codec: Some(Codec::Lossless),
+        mode: Default::default(),
         bandwidth_bps: None,
         auth: None,
         timeout: Duration::from_secs(120),

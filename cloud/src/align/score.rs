@@ -1,0 +1,56 @@
+//! Teacher-forced scoring of a continuation after a context: what `tandem eval` compares modes by and what the
+//! fused mode's gates are fitted to.
+
+use tandem_common::engine::Engine;
+use tandem_common::kv::KvState;
+use tandem_common::sample::argmax;
+
+/// Negative log-likelihood sum, count, and the top token at each scored position.
+#[derive(Clone)]
+pub struct Scored {
+    pub nll: f64,
+    pub count: usize,
+    pub top: Vec<u32>,
+}
+
+impl Scored {
+    pub fn perplexity(&self) -> f64 {
+        (self.nll / self.count.max(1) as f64).exp()
+    }
+}
+
+/// Scores `continuation[1..]` after `context` (teacher-forced: each step is fed the true previous token); `gated`
+/// adds a second reading of the context's tokens with a gate per layer (the fused mode).
+pub fn score(
+    e: &Engine,
+    context: Option<&KvState>,
+    gated: Option<(&KvState, &[f32])>,
+    continuation: &[u32],
+) -> anyhow::Result<Scored> {
+    let mut s = e.session();
+    if let Some(kv) = context {
+        s.attach_context(kv)?;
+    }
+    if let Some((kv, gates)) = gated {
+        s.attach_gated(kv, gates)?;
+    }
+    let mut out = Scored {
+        nll: 0.0,
+        count: 0,
+        top: Vec::new(),
+    };
+    for w in continuation.windows(2) {
+        let logits = s.decode(w[0])?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        out.nll += lse - logits[w[1] as usize] as f64;
+        out.count += 1;
+        out.top.push(argmax(&logits));
+    }
+    Ok(out)
+}
