@@ -388,6 +388,28 @@ mod tests {
     }
 
     #[test]
+    fn projected_headers_must_name_a_usable_projection() {
+        let p = |gates: Vec<f32>| Projection {
+            alignment: "a".into(),
+            llm: "big".into(),
+            gates,
+        };
+        let split = KvMode::Split { own_layers: 1 };
+        assert!(check_projection(KvMode::Exact, None, 2).is_ok());
+        assert!(check_projection(split, Some(&p(vec![0.0, 1.0])), 2).is_ok());
+        for (mode, proj) in [
+            (KvMode::Exact, Some(p(vec![0.0, 0.0]))),
+            (KvMode::Fused, None),
+            (KvMode::Fused, Some(p(vec![0.5]))),
+            (KvMode::Fused, Some(p(vec![0.5, 2.0]))),
+            (split, Some(p(vec![0.5, f32::NAN]))),
+        ] {
+            let e = check_projection(mode, proj.as_ref(), 2).unwrap_err();
+            assert!(e.to_string().contains(&mode.to_string()), "{e}");
+        }
+    }
+
+    #[test]
     fn urls_become_websocket_urls() {
         let at = |url: &str| {
             CloudContext {

@@ -95,8 +95,9 @@ function contextRef(localOnly = false) {
   const id = chat.contextId;
   if (!id) return undefined;
   const codec = $<HTMLSelectElement>("codec").value || undefined;
+  const kvMode = $<HTMLSelectElement>("kv-mode").value || undefined;
   const text = texts.get(id);
-  return localOnly ? { text } : { id, text, codec, timeoutMs: 10_000 };
+  return localOnly ? { text } : { id, text, codec, kvMode, timeoutMs: 10_000 };
 }
 
 function renderMessages(): void {

@@ -33,8 +33,8 @@ impl Default for FitOptions {
             calibration_chunks: 12,
             held_out_chunks: 6,
             chunk_tokens: 384,
-            gate_chunks: 4,
-            gate_tokens: 32,
+            gate_chunks: 12,
+            gate_tokens: 64,
             gate_bands: 4,
         }
     }

@@ -11,7 +11,7 @@ use super::artifact::Alignment;
 use super::score::score;
 
 /// Weights tried for each band (1: the projected reading replaces the SLM's own in those layers).
-pub const GATE_GRID: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+pub const GATE_GRID: [f32; 6] = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0];
 
 /// What the fit found: the gates, and calibration perplexity with the SLM's own KV alone and fused.
 #[derive(Debug, Clone)]

@@ -61,9 +61,9 @@ struct AlignArgs {
     chunk_tokens: usize,
     /// Fused-mode gates: calibration chunks scored per trial, tokens scored at the end of each, bands of layers
     /// sharing a gate.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 12)]
     gate_chunks: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     gate_tokens: usize,
     #[arg(long, default_value_t = 4)]
     gate_bands: usize,
