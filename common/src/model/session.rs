@@ -98,9 +98,9 @@ impl<'m> Session<'m> {
         self.len() == 0
     }
 
-    /// Imports a shared-context KV (all layers, or the first of a layer-by-layer stream). Its tokens become positions
-    /// `0..n` of this session.
-    pub fn attach_context(&mut self, kv: &KvState) -> Result<(), SessionError> {
+    /// Refuses KV that cannot be this session's shared context: once the session has tokens of its own, or of
+    /// other weights or shape, or inconsistent.
+    fn check_context(&self, kv: &KvState) -> Result<(), SessionError> {
         if !self.own_tokens.is_empty() {
             return Err(SessionError::ContextAfterTokens);
         }
@@ -132,6 +132,14 @@ impl<'m> Session<'m> {
             .into());
         }
         kv.validate()?;
+        Ok(())
+    }
+
+    /// Imports a shared-context KV (all layers, or the first of a layer-by-layer stream). Its tokens become positions
+    /// `0..n` of this session.
+    pub fn attach_context(&mut self, kv: &KvState) -> Result<(), SessionError> {
+        self.check_context(kv)?;
+        let c = self.model.config();
         if kv.len() + 1 > c.context_length {
             return Err(SessionError::TooLong {
                 tokens: kv.len(),
@@ -165,31 +173,12 @@ impl<'m> Session<'m> {
     /// context, projected into this model's space), whose attention in layer l is blended with the context's own
     /// with weight `gates[l]` in [0, 1] (CE-LSLM's fused mode; 0 leaves a layer's out).
     pub fn attach_gated(&mut self, kv: &KvState, gates: &[f32]) -> Result<(), SessionError> {
-        if !self.own_tokens.is_empty() {
-            return Err(SessionError::ContextAfterTokens);
-        }
-        let c = self.model.config();
-        kv.validate()?;
-        if kv.model != self.model.fingerprint()
-            || kv.kv_heads != c.n_kv_heads
-            || kv.head_dim != c.head_dim
-            || kv.first_layer + kv.layers.len() > c.n_layers
-            || gates.len() != c.n_layers
-            || !gates.iter().copied().all(usable_gate)
-        {
+        self.check_context(kv)?;
+        let layers = self.model.config().n_layers;
+        if gates.len() != layers || !gates.iter().copied().all(usable_gate) {
             return Err(KvError::WrongShape {
-                found: format!(
-                    "{} layers from {}, {} heads × {}, {} gates",
-                    kv.layers.len(),
-                    kv.first_layer,
-                    kv.kv_heads,
-                    kv.head_dim,
-                    gates.len()
-                ),
-                expected: format!(
-                    "{} layers, {} heads × {}, a gate in [0, 1] per layer",
-                    c.n_layers, c.n_kv_heads, c.head_dim
-                ),
+                found: format!("{} gates {gates:?}", gates.len()),
+                expected: format!("a gate in [0, 1] for each of {layers} layers"),
             }
             .into());
         }
@@ -239,7 +228,7 @@ impl<'m> Session<'m> {
             self.precision,
             tokens,
             self.ctx_tokens.len(),
-            &mut |l| Ok(segments(&ctx[l], &gated[l])),
+            &mut |l| Ok(layer_context(&ctx[l], &gated[l])),
         )
     }
 
@@ -305,7 +294,7 @@ impl<'m> Session<'m> {
                         });
                     }
                 }
-                Ok(segments(&ctx[l], &gated[l]))
+                Ok(layer_context(&ctx[l], &gated[l]))
             },
         );
         if result.is_err() {
@@ -371,7 +360,7 @@ pub fn usable_gate(g: f32) -> bool {
     (0.0..=1.0).contains(&g)
 }
 
-fn segments(ctx: &Option<DeviceKv>, gated: &Option<Blend>) -> LayerContext {
+fn layer_context(ctx: &Option<DeviceKv>, gated: &Option<Blend>) -> LayerContext {
     (ctx.clone(), gated.clone())
 }
 
