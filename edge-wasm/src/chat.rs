@@ -10,7 +10,7 @@ use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats,
 use tandem_common::kv::LayerKv;
 use tandem_common::model::{ContextLayer, LayerwisePrefill, Session};
 use tandem_common::tokenizer::Message;
-use tandem_common::wire::{KvMode, Projection};
+use tandem_common::wire::KvMode;
 use web_time::Instant;
 
 use crate::incoming::{Connect, FetchStats, LayerTiming};
@@ -216,20 +216,9 @@ pub fn start_turn<'e>(
     let (logits, source, fetch) = match cloud {
         Some(Ok(CloudKv {
             logits,
-            codec,
-            projection,
+            source,
             fetch,
-        })) => {
-            let source = KvSource::Cloud {
-                codec,
-                mode: context
-                    .cloud
-                    .as_ref()
-                    .map_or_else(KvMode::default, |c| c.mode),
-                alignment: projection.map(|p| p.alignment),
-            };
-            (logits, source, fetch)
-        }
+        })) => (logits, source, fetch),
         failed => {
             let (reason, header_tokens) = match failed {
                 Some(Err(failure)) => failure,
@@ -279,17 +268,17 @@ type CloudFailure = (String, Option<Vec<u32>>);
 /// The prompt prefilled against the cloud's context: the logits, and how the context came.
 struct CloudKv {
     logits: Vec<f32>,
-    codec: Codec,
-    projection: Option<Projection>,
+    source: KvSource,
     fetch: FetchStats,
 }
 
 /// The prompt prefilled against the cloud's context as it streams in. Where the cloud left the lowest layers to
 /// this edge (`header.first_layer`: its choice in exact mode, the edge's in split mode), they are computed here, a
 /// layer at a time, while the others arrive; in fused mode every layer is computed here and, where the alignment's
-/// gate is above 0, the streamed projected layer is blended into it. A stream that breaks (dropped, stalled, a chunk failing its checksum)
-/// resumes from the layer it broke at on a new connection, up to [`MAX_RESUMES`] times. On failure: the reason,
-/// and the context's tokens when the header had arrived (so the fallback needs no local text).
+/// gate is above 0, the streamed projected layer is blended into it. A stream that breaks (dropped, stalled, a
+/// chunk failing its checksum) resumes from the layer it broke at on a new connection, up to [`MAX_RESUMES`]
+/// times. On failure: the reason, and the context's tokens when the header had arrived (so the fallback needs no
+/// local text).
 fn cloud_prefill(
     engine: &Engine,
     session: &mut Session<'_>,
@@ -397,8 +386,11 @@ fn cloud_prefill(
     stats.local_layers = own;
     Ok(CloudKv {
         logits,
-        codec: fetch.codec,
-        projection,
+        source: KvSource::Cloud {
+            codec: fetch.codec,
+            mode: cloud.mode,
+            alignment: projection.map(|p| p.alignment),
+        },
         fetch: stats,
     })
 }

@@ -428,14 +428,8 @@ fn transform_codecs_beat_fixed_width_groups_on_long_contexts() {
         (&id, text),
         &questions,
         Precision::F32,
-        &[
-            Codec::Q8,
-            Codec::Pca8,
-            Codec::Q4,
-            Codec::Pca4,
-            Codec::Pca2,
-            Codec::Q2,
-        ],
+        // Every codec below f16, in `Codec::ALL`'s order.
+        &Codec::ALL[2..],
     );
     let [q8, pca8, q4, pca4, pca2, q2] = rates[..] else {
         unreachable!()

@@ -13,12 +13,6 @@ pub struct Scored {
     pub top: Vec<u32>,
 }
 
-impl Scored {
-    pub fn perplexity(&self) -> f64 {
-        (self.nll / self.count.max(1) as f64).exp()
-    }
-}
-
 /// Scores `continuation[1..]` after `context` (teacher-forced: each step is fed the true previous token); `gated`
 /// adds a second reading of the context's tokens with a gate per layer (the fused mode).
 pub fn score(
