@@ -69,6 +69,13 @@ impl Sampler {
     }
 }
 
+/// The log probability of token `i` under `logits` (log-softmax, in f64).
+pub fn log_prob(logits: &[f32], i: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[i] as f64 - max - sum.ln()
+}
+
 /// Index of the largest logit (the first, on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

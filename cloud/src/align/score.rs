@@ -3,7 +3,7 @@
 
 use tandem_common::engine::Engine;
 use tandem_common::kv::KvState;
-use tandem_common::sample::argmax;
+use tandem_common::sample::{argmax, log_prob};
 
 /// Negative log-likelihood sum, count, and the top token at each scored position.
 #[derive(Clone)]
@@ -35,14 +35,7 @@ pub fn score(
     };
     for w in continuation.windows(2) {
         let logits = s.decode(w[0])?;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + logits
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        out.nll += lse - logits[w[1] as usize] as f64;
+        out.nll -= log_prob(&logits, w[1] as usize);
         out.count += 1;
         out.top.push(argmax(&logits));
     }

@@ -474,17 +474,18 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
         &engine, &text, &questions, args.steps, precision, &codecs,
     )?;
     println!(
-        "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11}",
-        "codec", "bytes", "bytes/token", "vs f16", "top-1 agree", "encode ms", "decode ms"
+        "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11} {:>11}",
+        "codec", "bytes", "bytes/token", "vs f16", "top-1 agree", "|Δ log p|", "encode ms", "decode ms"
     );
     for r in rows {
         println!(
-            "{:<9} {:>12} {:>12.0} {:>9.1}x {:>10.2}% {:>11.1} {:>11.1}",
+            "{:<9} {:>12} {:>12.0} {:>9.1}x {:>10.2}% {:>11.4} {:>11.1} {:>11.1}",
             r.codec.to_string(),
             r.bytes,
             r.bytes_per_token,
             r.smaller_than_f16,
             r.agreement * 100.0,
+            r.logprob_shift,
             r.encode_ms,
             r.decode_ms
         );
