@@ -145,4 +145,3 @@ fn teacher_forced(
     }
     Ok(run)
 }
-

@@ -475,7 +475,14 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
     )?;
     println!(
         "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11} {:>11}",
-        "codec", "bytes", "bytes/token", "vs f16", "top-1 agree", "|Δ log p|", "encode ms", "decode ms"
+        "codec",
+        "bytes",
+        "bytes/token",
+        "vs f16",
+        "top-1 agree",
+        "|Δ log p|",
+        "encode ms",
+        "decode ms"
     );
     for r in rows {
         println!(
