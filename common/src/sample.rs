@@ -86,3 +86,18 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Probabilities from `log_prob` sum to one, even for logits far too large for a plain `exp`.
+    #[test]
+    fn log_prob_is_a_normalised_log_softmax() {
+        assert!((log_prob(&[0.0; 4], 2) + 4f64.ln()).abs() < 1e-12);
+        let logits = [1000.0, 999.0, 990.0];
+        let total: f64 = (0..3).map(|i| log_prob(&logits, i).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+        assert!(log_prob(&logits, 0) > log_prob(&logits, 1));
+    }
+}
