@@ -71,8 +71,8 @@ gateway upstream addr="127.0.0.1:8081" *args: (models "smollm2") build
 
 tools := env_var_or_default("TANDEM_TOOLS", env_var("HOME") / ".cache/tandem/tools")
 
-# The browser edge as an npm package in edge-wasm/npm/dist: the engine for wasm32-unknown-unknown (simd128, and
-# a relaxed-SIMD build), its
+# The browser edge as an npm package in edge-wasm/npm/dist: the engine for wasm32-unknown-unknown (simd128 with
+# WebGPU, and a relaxed-SIMD build), its
 # wasm-bindgen glue (the CLI at the crate's exact version, installed once under {{tools}}) and the TypeScript layer.
 npm:
     #!/usr/bin/env bash
@@ -85,9 +85,10 @@ npm:
       cargo install wasm-bindgen-cli --version "$version" --root "{{tools}}"
     fi
     rm -rf edge-wasm/npm/dist
-    # Two engines: simd128 for every browser, and one with relaxed SIMD's 8-bit dot products for those that have it
-    # (the worker picks at run time). The second builds in its own target dir, so neither invalidates the other.
-    cargo rustc --release --target wasm32-unknown-unknown -p tandem-edge --crate-type cdylib
+    # Two engines: simd128 for every browser, with burn's WebGPU backend for those that give an adapter, and one with
+    # relaxed SIMD's 8-bit dot products for CPUs that have them (the worker picks at run time). The second builds in
+    # its own target dir, so neither invalidates the other.
+    cargo rustc --release --target wasm32-unknown-unknown -p tandem-edge --features webgpu --crate-type cdylib
     "$bindgen" --target web --no-typescript --out-dir edge-wasm/npm/dist/wasm "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/tandem_edge.wasm"
     relaxed="$CARGO_TARGET_DIR/wasm-relaxed"
     CARGO_TARGET_DIR="$relaxed" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS='--cfg getrandom_backend="wasm_js" -C target-feature=+simd128,+relaxed-simd' \

@@ -8,7 +8,7 @@ use burn::tensor::Device;
 
 use crate::gguf::{Gguf, GgufError};
 use crate::kv::KvState;
-use crate::model::{Model, QueryEnergy, Session, SessionError};
+use crate::model::{Logits, Model, QueryEnergy, Session, SessionError};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 
@@ -176,7 +176,7 @@ pub struct Generation<'e, S> {
     engine: &'e Engine,
     session: S,
     /// Logits for the next token; `None` once the generation is over.
-    logits: Option<Vec<f32>>,
+    logits: Option<Logits>,
     sampler: Sampler,
     text: TextStream<'e>,
     opts: GenerateOptions,
@@ -191,7 +191,7 @@ impl<'e, 's, S: std::borrow::BorrowMut<Session<'s>>> Generation<'e, S> {
     pub fn new(
         engine: &'e Engine,
         session: S,
-        logits: Vec<f32>,
+        logits: impl Into<Logits>,
         prompt_tokens: usize,
         t0: web_time::Instant,
         opts: GenerateOptions,
@@ -199,7 +199,7 @@ impl<'e, 's, S: std::borrow::BorrowMut<Session<'s>>> Generation<'e, S> {
         Generation {
             engine,
             session,
-            logits: Some(logits),
+            logits: Some(logits.into()),
             sampler: Sampler::new(opts.sampling),
             text: TextStream::new(&engine.tokenizer),
             opts,
@@ -216,9 +216,23 @@ impl<'e, 's, S: std::borrow::BorrowMut<Session<'s>>> Generation<'e, S> {
     /// The next token and the text it completes, or `None` when the generation is over (end of turn, `max_tokens`,
     /// the context window full, or cancelled).
     pub fn next_token(&mut self) -> Result<Option<(u32, String)>, EngineError> {
-        let Some(logits) = self.logits.take() else {
-            return Ok(None);
-        };
+        match self.logits.take() {
+            Some(logits) => self.step(logits.read()?),
+            None => Ok(None),
+        }
+    }
+
+    /// [`next_token`](Self::next_token) for a thread that must not block on the device (a browser's): awaits the
+    /// logits.
+    pub async fn next_token_async(&mut self) -> Result<Option<(u32, String)>, EngineError> {
+        match self.logits.take() {
+            Some(logits) => self.step(logits.read_async().await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Samples from `logits`, and starts computing the next token's unless the generation ends here.
+    fn step(&mut self, logits: Vec<f32>) -> Result<Option<(u32, String)>, EngineError> {
         // Cancelled between two calls (by the consumer of the last token, or another thread).
         if self.ids.len() >= self.opts.max_tokens || self.cancelled() {
             return Ok(None);
@@ -238,7 +252,7 @@ impl<'e, 's, S: std::borrow::BorrowMut<Session<'s>>> Generation<'e, S> {
         let session = self.session.borrow_mut();
         let full = session.len() + 1 > self.engine.model.config().context_length;
         if !(cancelled || self.ids.len() == self.opts.max_tokens || full) {
-            self.logits = Some(session.decode(id)?);
+            self.logits = Some(session.advance(&[id])?);
         }
         self.update_stats();
         Ok(Some((id, text)))

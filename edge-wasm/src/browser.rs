@@ -1,11 +1,15 @@
 //! The edge runtime for browsers (`wasm32-unknown-unknown`, wasm-bindgen): the engine the npm package runs in a
 //! Web Worker. The worker's JavaScript owns the network: it downloads the weights, and gives the engine a blocking
 //! KV link (`globalThis.tandemKv`) over a SharedArrayBuffer that a second worker fills from the WebSocket, so the
-//! context's layers arrive while this worker computes. Everything else is the same code as native.
+//! context's layers arrive while this worker computes. The model runs on the wasm CPU path, or on WebGPU (burn's
+//! wgpu backend) where the build has it and the worker asks for it. Everything else is the same code as native.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burn::tensor::Device;
 use serde::Deserialize;
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, GenerateOptions, default_device};
@@ -50,12 +54,28 @@ pub struct BrowserEngine {
 
 #[wasm_bindgen]
 impl BrowserEngine {
-    /// Checks `weights` against the pinned size and sha256 of `model` and loads them.
+    /// Checks `weights` against the pinned size and sha256 of `model` and loads them for the wasm CPU path.
     pub fn load(model: String, weights: Vec<u8>) -> Result<BrowserEngine, JsError> {
+        Self::load_on(model, weights, &default_device())
+    }
+
+    /// [`load`](Self::load) onto the browser's WebGPU device (the build with the `webgpu` feature): the weights
+    /// are dequantized once into GPU memory. Fails with the reason when WebGPU gives no device.
+    #[cfg(feature = "webgpu")]
+    pub async fn load_webgpu(model: String, weights: Vec<u8>) -> Result<BrowserEngine, JsError> {
+        use burn::tensor::wgpu::WgpuBackend;
+        let device = Device::wgpu_options()
+            .graphics_api(WgpuBackend::WebGpu)
+            .init_async()
+            .await
+            .map_err(|e| JsError::new(&format!("WebGPU gave no device: {e}")))?;
+        Self::load_on(model, weights, &device)
+    }
+
+    fn load_on(model: String, weights: Vec<u8>, device: &Device) -> Result<BrowserEngine, JsError> {
         models::check_weights(&model, &weights).map_err(|e| JsError::new(&e.to_string()))?;
         let gguf = Gguf::parse(Arc::new(weights)).map_err(|e| JsError::new(&e.to_string()))?;
-        let engine =
-            Engine::load(&gguf, &default_device()).map_err(|e| JsError::new(&e.to_string()))?;
+        let engine = Engine::load(&gguf, device).map_err(|e| JsError::new(&e.to_string()))?;
         Ok(BrowserEngine {
             engine: Box::leak(Box::new(engine)),
             model,
@@ -106,28 +126,39 @@ impl BrowserEngine {
             &connect_via_worker,
         )
         .map_err(|e| JsError::new(&e.to_string()))?;
-        Ok(BrowserChat(turn))
+        Ok(BrowserChat(Rc::new(RefCell::new(turn))))
     }
 }
 
 /// A turn generating: pull its text piece by piece.
 #[wasm_bindgen]
-pub struct BrowserChat(Turn<'static>);
+pub struct BrowserChat(Rc<RefCell<Turn<'static>>>);
 
 #[wasm_bindgen]
 impl BrowserChat {
-    /// The next piece of the answer, or `undefined` when it is complete.
-    pub fn next(&mut self) -> Result<Option<String>, JsError> {
-        let next = self
-            .0
-            .next_token()
-            .map_err(|e| JsError::new(&e.to_string()))?;
-        Ok(next.map(|(_, text)| text))
+    /// A promise of the next piece of the answer, or of `undefined` when it is complete. On WebGPU it resolves when
+    /// the GPU has computed the token; one piece at a time.
+    pub fn next(&self) -> js_sys::Promise {
+        let turn = self.0.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut turn = turn.try_borrow_mut().map_err(|_| {
+                JsError::new("the previous piece of this answer is still being computed")
+            })?;
+            let next = turn
+                .next_token_async()
+                .await
+                .map_err(|e| JsError::new(&e.to_string()))?;
+            Ok(next.map_or(JsValue::UNDEFINED, |(_, text)| JsValue::from(text)))
+        })
     }
 
     /// What the turn did so far, as JSON (see `TurnStats::summary`).
-    pub fn stats(&self) -> String {
-        serde_json::to_string(&self.0.stats().summary()).expect("stats serialise")
+    pub fn stats(&self) -> Result<String, JsError> {
+        let turn = self
+            .0
+            .try_borrow()
+            .map_err(|_| JsError::new("the answer's next piece is still being computed"))?;
+        Ok(serde_json::to_string(&turn.stats().summary()).expect("stats serialise"))
     }
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats, Generation};
 use tandem_common::kv::LayerKv;
-use tandem_common::model::{ContextLayer, LayerwisePrefill, Session};
+use tandem_common::model::{
+    ContextLayer, LayerwisePrefill, Logits, Session, has_quantized_kernels,
+};
 use tandem_common::tokenizer::Message;
 use tandem_common::wire::KvMode;
 use web_time::Instant;
@@ -156,6 +158,12 @@ impl Turn<'_> {
         Ok(self.generation.next_token()?)
     }
 
+    /// [`next_token`](Self::next_token) without blocking on the device: a browser's GPU answers through its event
+    /// loop.
+    pub async fn next_token_async(&mut self) -> Result<Option<(u32, String)>, ChatError> {
+        Ok(self.generation.next_token_async().await?)
+    }
+
     /// What the turn did so far.
     pub fn stats(&self) -> TurnStats {
         let generate = self.generation.stats().clone();
@@ -241,12 +249,10 @@ pub fn start_turn<'e>(
             let source = if ctx_tokens.is_empty() {
                 KvSource::None
             } else {
-                session
-                    .attach_context(&engine.prefill_kv(&ctx_tokens)?)
-                    .map_err(EngineError::from)?;
+                local_context(engine, &mut session, &ctx_tokens)?;
                 KvSource::Local { reason }
             };
-            let logits = session.prefill(&prompt).map_err(EngineError::from)?;
+            let logits = session.advance(&prompt).map_err(EngineError::from)?;
             (logits, source, FetchStats::default())
         }
     };
@@ -262,12 +268,28 @@ pub fn start_turn<'e>(
     })
 }
 
+/// Prefills the context `tokens` here as `session`'s shared context (the cloud's computation, on this device).
+fn local_context(
+    engine: &Engine,
+    session: &mut Session<'_>,
+    tokens: &[u32],
+) -> Result<(), EngineError> {
+    let t0 = Instant::now();
+    session.advance(tokens)?;
+    session.own_as_context()?;
+    // A GPU returns before the work is done: only the CPU's time says how fast this machine prefills.
+    if has_quantized_kernels(engine.model.device()) {
+        engine.record_prefill(tokens.len(), t0.elapsed());
+    }
+    Ok(())
+}
+
 /// Why the cloud path failed, and the context's tokens if its header had arrived.
 type CloudFailure = (String, Option<Vec<u32>>);
 
 /// The prompt prefilled against the cloud's context: the logits, and how the context came.
 struct CloudKv {
-    logits: Vec<f32>,
+    logits: Logits,
     source: KvSource,
     fetch: FetchStats,
 }
@@ -307,6 +329,13 @@ fn cloud_prefill(
     };
     let mut local = match own {
         0 => None,
+        // Its layers are read back to the host as they are computed: a browser's GPU cannot wait for that.
+        _ if !has_quantized_kernels(engine.model.device()) => {
+            return Err(failed(format!(
+                "{} KV mode computes context layers here, which this engine only does on the CPU",
+                cloud.mode
+            )));
+        }
         _ if !header
             .positions
             .iter()

@@ -5,8 +5,8 @@
 // page and runs its steps in order. Prints one JSON line: per session, per step, what happened, and the browser's
 // peak memory (the proportional set size of all its processes, sampled every 100 ms).
 //
-// Steps: { do: "load", cloudUrl, model, simd?, threads? } creates an engine (progress events counted); { do: "chat", request } streams
-// one answer (pieces and the final stats); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
+// Steps: { do: "load", cloudUrl, model, backend?, simd?, threads? } creates an engine (progress events counted); { do: "chat", request } streams
+// one answer (pieces and the final stats); each step's report has its wall time (`ms`); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
 // cached weights with zeros of the same size; { do: "cache-keys" } lists the cached entries.
 
 import { browserPss, launch } from "./launch.mjs";
@@ -15,13 +15,14 @@ const plan = JSON.parse(process.argv[2]);
 async function step(page, s) {
   switch (s.do) {
     case "load":
-      return page.evaluate(async ({ cloudUrl, model, simd, threads }) => {
+      return page.evaluate(async ({ cloudUrl, model, backend, simd, threads }) => {
         const progress = { download: 0, cache: 0, load: 0, maxLoaded: 0 };
         try {
           window.engine?.terminate();
           const engine = await window.tandem.createEngine({
             cloudUrl,
             model,
+            backend,
             simd,
             threads,
             onProgress: (p) => {
@@ -87,7 +88,11 @@ for (const session of plan.sessions) {
     await page.goto(plan.pageUrl);
     await page.waitForFunction(() => document.title === "ready", null, { timeout: 30_000 });
     const steps = [];
-    for (const s of session.steps) steps.push({ do: s.do, ...(await step(page, s)) });
+    for (const s of session.steps) {
+      const t0 = Date.now();
+      const result = await step(page, s);
+      steps.push({ do: s.do, ms: Date.now() - t0, ...result });
+    }
     report.push({ steps, logs, peakPss });
   } catch (e) {
     report.push({ error: String(e.stack ?? e), logs });

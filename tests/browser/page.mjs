@@ -9,7 +9,9 @@
 import { launch } from "./launch.mjs";
 
 const plan = JSON.parse(process.argv[2]);
-const context = await launch(plan.chromium, plan.userDataDir, { webgpu: true });
+// Without WebGPU: the page runs its default engine on the CPU (Chromium's software adapter would take minutes per
+// answer); tests/tests/browser.rs checks the WebGPU engine.
+const context = await launch(plan.chromium, plan.userDataDir, { webgpu: false });
 const out = { logs: [] };
 try {
   const page = await context.newPage();

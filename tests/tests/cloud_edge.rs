@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tandem_cloud::ServeOptions;
 use tandem_common::codec::Codec;
 use tandem_common::engine::GenerateOptions;
-use tandem_common::model::LayerwisePrefill;
+use tandem_common::model::{LayerwisePrefill, Logits};
 use tandem_common::quant::Precision;
 use tandem_common::sample::argmax;
 use tandem_common::tokenizer::Message;
@@ -342,6 +342,7 @@ fn agreement(
             s.set_precision(precision);
             let mut logits = s
                 .prefill_streamed(&header, prompt, &mut |l| f.layer(l, t0).map(Into::into))
+                .and_then(Logits::read)
                 .unwrap();
             bytes = f.stats.kv_bytes;
             for &t in ids {

@@ -1,7 +1,7 @@
 //! KV state as a value: prefill(A+B) equals prefill(A) → export → serialise → import in a new session → prefill(B).
 
 use tandem_common::kv::{KvError, KvState};
-use tandem_common::model::SessionError;
+use tandem_common::model::{Logits, SessionError};
 use tandem_common::quant::Precision;
 use tandem_common::sample::argmax;
 use tandem_tests::engine;
@@ -176,6 +176,7 @@ fn streamed_context_equals_attached_context() {
             asked.push(l);
             Ok(ctx.layers[l].clone().into())
         })
+        .and_then(Logits::read)
         .unwrap();
     assert_eq!(asked, (0..e.model.config().n_layers).collect::<Vec<_>>());
     assert_eq!(got, want);

@@ -60,6 +60,7 @@ async function start(): Promise<void> {
   $("backend").textContent = info.backend;
   $("app").dataset.ready = "true";
   if (!info.webgpu.adapter) notice(`No WebGPU here (${info.webgpu.note}): the model runs on the CPU.`, "info");
+  else if (info.backend !== "webgpu") notice(`WebGPU is not used: ${info.webgpu.note}.`, "info");
   setBusy(false);
   $("prompt").focus();
 }

@@ -18,8 +18,11 @@ function field(root: HTMLElement, name: string, value: string): void {
 /// Fills the panel with one answer's statistics.
 export function showStats(root: HTMLElement, engine: EngineStats, s: TurnStats): void {
   root.hidden = false;
-  const cpu = `${engine.backend}, ${engine.simd}`;
-  field(root, "backend", engine.webgpu.adapter ? `${cpu} (WebGPU seen: ${engine.webgpu.adapter})` : cpu);
+  const backend =
+    engine.backend === "webgpu"
+      ? `webgpu (${engine.webgpu.adapter})`
+      : `${engine.backend}, ${engine.simd}${engine.webgpu.adapter ? ` (WebGPU: ${engine.webgpu.note})` : ""}`;
+  field(root, "backend", backend);
   const source =
     s.kv_source === "cloud"
       ? `cloud, ${s.kv_mode && s.kv_mode !== "exact" ? `${s.kv_mode} (alignment ${s.alignment?.slice(0, 8)}), ` : ""}codec ${s.codec}${s.kv_local_layers > 0 ? `; ${s.kv_local_layers} context layers computed here` : ""}`

@@ -7,6 +7,7 @@
 
 mod config;
 mod layerwise;
+mod logits;
 mod qmatrix;
 mod query_energy;
 mod session;
@@ -17,7 +18,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 pub use config::{Arch, ModelConfig, RopeStyle, rope_frequencies};
 pub use layerwise::LayerwisePrefill;
-pub use qmatrix::{QMatrix, QuantOps, q_linear};
+pub use logits::Logits;
+pub use qmatrix::{QMatrix, QuantOps, Weight, has_quantized_kernels, q_linear};
 pub use query_energy::QueryEnergy;
 pub use session::{ContextLayer, Session, SessionError, usable_gate};
 
@@ -30,13 +32,13 @@ use crate::quant::Precision;
 #[derive(Module, Debug)]
 pub struct Linear {
     #[module(skip)]
-    pub weight: QMatrix,
+    pub weight: Weight,
     pub bias: Option<Tensor<1>>,
 }
 
 impl Linear {
     fn load(g: &Gguf, name: &str, device: &Device) -> Result<Self, GgufError> {
-        let weight = QMatrix::from_gguf(g, &format!("{name}.weight"))?;
+        let weight = Weight::new(QMatrix::from_gguf(g, &format!("{name}.weight"))?, device);
         let bias = match g.tensors.get(&format!("{name}.bias")) {
             Some(_) => Some(QMatrix::from_gguf(g, &format!("{name}.bias"))?.to_vector(device)),
             None => None,
@@ -99,9 +101,9 @@ pub struct Model {
     pub embed: QMatrix,
     pub blocks: Vec<Block>,
     pub norm: RmsNorm,
-    /// Output projection; `None` when tied to the embedding.
+    /// Output projection (the embedding's blocks when tied to it).
     #[module(skip)]
-    pub output: QMatrix,
+    pub output: Weight,
     #[module(skip)]
     pub compute_device: Device,
     /// Fingerprint of the weights, carried by exported KV so it is never imported into another model.
@@ -135,13 +137,13 @@ impl Model {
                 down: Linear::load(g, &format!("{b}.ffn_down"), device)?,
             });
             let blk = &blocks[i];
-            let expect = |name: &str, m: &QMatrix, rows: usize, cols: usize| {
-                if m.rows != rows || m.cols != cols {
+            let expect = |name: &str, m: &Weight, rows: usize, cols: usize| {
+                if m.q.rows != rows || m.q.cols != cols {
                     return Err(GgufError::BadTensor {
                         name: format!("{b}.{name}"),
                         problem: format!(
                             "shape [{}, {}] does not match {p} config [{rows}, {cols}]",
-                            m.rows, m.cols
+                            m.q.rows, m.q.cols
                         ),
                     });
                 }
@@ -171,6 +173,7 @@ impl Model {
             });
         }
         let fingerprint = config::fingerprint(g, &c);
+        let output = Weight::new(output, device);
         Ok(Model {
             norm: RmsNorm::load(g, "output_norm.weight", c.rms_eps, device)?,
             config: c,
@@ -196,7 +199,7 @@ impl Model {
 
     /// Runs `tokens` at positions `start..` through all layers. `ctx(l)` gives layer l's shared context (maybe none;
     /// it is asked for just before layer l runs, so it may still be arriving); `own[l]` is the session's KV, which
-    /// this call extends. Returns the logits of the last token.
+    /// this call extends. Returns the logits of the last token, still on the device.
     pub(crate) fn forward<E>(
         &self,
         tokens: &[u32],
@@ -205,8 +208,7 @@ impl Model {
         own: &mut [DeviceKv],
         p: Precision,
         mut energy: Option<&mut QueryEnergy>,
-    ) -> Result<Vec<f32>, E> {
-        let c = self.config();
+    ) -> Result<Logits, E> {
         let mut h = self.embed(tokens);
         let rope = self.rope(start, tokens.len());
         for (l, block) in self.blocks.iter().enumerate() {
@@ -216,13 +218,12 @@ impl Model {
             h = self.block(block, h, &rope, ctx, &mut own[l], p, energy);
         }
         let last = h.narrow(0, tokens.len() - 1, 1);
-        let logits = q_linear(self.norm.forward(last), &self.output, None, p);
-        let v = logits
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("logits are f32");
-        debug_assert_eq!(v.len(), c.vocab);
-        Ok(v)
+        Ok(Logits::Device(q_linear(
+            self.norm.forward(last),
+            &self.output,
+            None,
+            p,
+        )))
     }
 
     fn embed(&self, tokens: &[u32]) -> Tensor<2> {

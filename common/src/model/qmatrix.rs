@@ -2,14 +2,15 @@
 //!
 //! A [`QMatrix`] is a view of a GGUF tensor's blocks (no copy, no dequantization). `x · Wᵀ` goes through burn's
 //! backend-extension mechanism: on the CPU backend (`flex`) it runs the integer SIMD kernels of [`crate::quant`]
-//! on the tensor's own buffer; any other backend uses the trait's default body, which dequantizes once and calls the
-//! backend's float matmul. The model code calls [`q_linear`] and never knows which ran.
+//! on the tensor's own buffer. Devices without such kernels (WebGPU) get the matrix dequantized once into device
+//! memory when the model loads ([`Weight`]) and use the backend's float matmul. The model code calls [`q_linear`]
+//! and never knows which ran.
 
 use std::sync::Arc;
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, backend_extension};
-use burn::tensor::{Tensor, TensorData};
+use burn::backend::{Backend, DispatchDevice, backend_extension};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::gguf::{Gguf, GgufError, TensorInfo};
 use crate::quant::{self, GgmlType, Precision};
@@ -102,6 +103,32 @@ impl QMatrix {
     }
 }
 
+/// Whether `device` multiplies by quantized blocks directly (the CPU backend); others get dense weights.
+pub fn has_quantized_kernels(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    return matches!(device.as_dispatch(), DispatchDevice::Flex(_));
+    #[cfg(not(feature = "flex"))]
+    return false;
+}
+
+/// A linear layer's weight as its device multiplies by it: the GGUF blocks, and on a device without quantized
+/// kernels also the matrix dequantized once into device memory (`q_matmul`'s default body would dequantize and
+/// upload it on every call).
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub q: QMatrix,
+    /// `W` as f32 `[rows, cols]` on the device, where it has no quantized kernels.
+    dense: Option<Tensor<2>>,
+}
+
+impl Weight {
+    pub fn new(q: QMatrix, device: &Device) -> Self {
+        let dense = (!has_quantized_kernels(device))
+            .then(|| Tensor::from_data(TensorData::new(q.dequantize(), [q.rows, q.cols]), device));
+        Weight { q, dense }
+    }
+}
+
 /// Backend extension: `x · Wᵀ` with `W` quantized.
 #[backend_extension(Flex: cfg(feature = "flex"), Cube: cfg(feature = "webgpu"))]
 pub trait QuantOps: Backend {
@@ -146,16 +173,19 @@ impl QuantOps for burn::backend::Cube {}
 /// `x · Wᵀ (+ bias)` for `x: [n, cols]`.
 pub fn q_linear(
     x: Tensor<2>,
-    w: &QMatrix,
+    w: &Weight,
     bias: Option<&Tensor<1>>,
     precision: Precision,
 ) -> Tensor<2> {
     use burn::backend::Dispatch;
-    let y = Tensor::<2>::from_dispatch(<Dispatch as QuantOps>::q_matmul(
-        x.into_dispatch(),
-        w.clone(),
-        precision,
-    ));
+    let y = match &w.dense {
+        Some(dense) => x.matmul(dense.clone().transpose()),
+        None => Tensor::<2>::from_dispatch(<Dispatch as QuantOps>::q_matmul(
+            x.into_dispatch(),
+            w.q.clone(),
+            precision,
+        )),
+    };
     match bias {
         Some(b) => y + b.clone().unsqueeze_dim(0),
         None => y,

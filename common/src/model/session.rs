@@ -2,7 +2,7 @@
 
 use burn::tensor::Tensor;
 
-use super::{Model, QueryEnergy};
+use super::{Logits, Model, QueryEnergy};
 use crate::kv::{Blend, DeviceKv, KvError, KvState, LayerContext, LayerKv};
 use crate::quant::Precision;
 
@@ -26,6 +26,8 @@ pub enum SessionError {
     Kv(#[from] KvError),
     #[error("shared context stream failed at layer {layer}: {reason}")]
     Stream { layer: usize, reason: String },
+    #[error("reading the logits from the device failed: {0}")]
+    Device(String),
 }
 
 /// One context layer as a streamed prefill receives it: the context's KV, and optionally a second reading of the
@@ -220,6 +222,11 @@ impl<'m> Session<'m> {
 
     /// Runs `tokens` through the model, extending the session; returns the next-token logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+        self.advance(tokens)?.read()
+    }
+
+    /// [`prefill`](Self::prefill), leaving the logits on the device until the caller reads them.
+    pub fn advance(&mut self, tokens: &[u32]) -> Result<Logits, SessionError> {
         let (ctx, gated) = (&self.ctx, &self.gated);
         run(
             self.model,
@@ -241,7 +248,7 @@ impl<'m> Session<'m> {
         header: &KvState,
         tokens: &[u32],
         next_layer: &mut dyn FnMut(usize) -> Result<ContextLayer, String>,
-    ) -> Result<Vec<f32>, SessionError> {
+    ) -> Result<Logits, SessionError> {
         let before = (
             self.ctx.clone(),
             self.ctx_tokens.clone(),
@@ -306,6 +313,29 @@ impl<'m> Session<'m> {
     /// One decoding step.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, SessionError> {
         self.prefill(&[token])
+    }
+
+    /// Makes the tokens run so far this session's shared context, as if their KV had been exported and attached
+    /// ([`attach_context`](Self::attach_context)), without it leaving the device: a context prefilled here.
+    pub fn own_as_context(&mut self) -> Result<(), SessionError> {
+        if !self.ctx_tokens.is_empty() {
+            return Err(KvError::Corrupt("the session already has a shared context".into()).into());
+        }
+        let c = self.model.config();
+        let empty = Tensor::<3>::zeros([c.n_kv_heads, 0, c.head_dim], self.model.device());
+        for (ctx, own) in self.ctx.iter_mut().zip(&mut self.own) {
+            let kv = std::mem::replace(
+                own,
+                DeviceKv {
+                    k: empty.clone(),
+                    v: empty.clone(),
+                },
+            );
+            *ctx = Some(kv);
+        }
+        self.ctx_tokens = std::mem::take(&mut self.own_tokens);
+        self.ctx_positions = (0..self.ctx_tokens.len() as u32).collect();
+        Ok(())
     }
 
     /// The KV of everything in the session (context then own tokens), all layers; a gated reading is not part of it.
@@ -396,10 +426,10 @@ fn run(
     tokens: &[u32],
     ctx_len: usize,
     ctx: &mut dyn FnMut(usize) -> Result<LayerContext, SessionError>,
-) -> Result<Vec<f32>, SessionError> {
+) -> Result<Logits, SessionError> {
     check_tokens(model.config(), tokens, ctx_len + own_tokens.len())?;
     let own_before = own_tokens.len();
-    let mut logits = Vec::new();
+    let mut logits = Logits::Host(Vec::new());
     // Long inputs run in chunks: attention scores and masks grow with chunk × keys, not tokens × keys.
     for chunk in tokens.chunks(PREFILL_CHUNK) {
         let at = ctx_len + own_tokens.len();

@@ -29,7 +29,11 @@ export interface EngineOptions {
   /// The cloud's token (`tandem auth token`), when it requires one: sent with the weights download and in the KV
   /// stream's hello.
   token?: string;
-  /// `auto` (the default): the relaxed-SIMD engine where the browser runs it; `simd128`: always the plain one.
+  /// `auto` (the default): WebGPU where the browser gives an adapter and the device comes up, else the wasm CPU
+  /// path; `webgpu`: WebGPU or an error saying why not; `wasm-cpu`: always the CPU.
+  backend?: "auto" | "webgpu" | "wasm-cpu";
+  /// The CPU engine: `auto` (the default): the relaxed-SIMD engine where the browser runs it; `simd128`: always the
+  /// plain one.
   simd?: "auto" | "simd128";
   /// Kernel threads, the engine's worker included (default: the machine's cores, at most 8). More than one needs a
   /// cross-origin isolated page and the threaded engine (built where a nightly Rust is available).
@@ -194,7 +198,8 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
       else if (ev.type === "ready") resolve(ev.info);
       else if (ev.type === "failed") reject(new Error(ev.error));
     };
-    const init: EngineRequest = { op: "init", cloudUrl, token: opts.token, model, io: channel.port1, simd: opts.simd ?? "auto",
+    const init: EngineRequest = { op: "init", cloudUrl, token: opts.token, model, io: channel.port1,
+      backend: opts.backend ?? "auto", simd: opts.simd ?? "auto",
       threads: Math.max(1, Math.min(opts.threads ?? navigator.hardwareConcurrency ?? 1, 8)) };
     worker.postMessage(init, [channel.port1]);
   }).catch((err) => {

@@ -10,7 +10,16 @@ export type IoRequest =
 
 /// Page → engine worker.
 export type EngineRequest =
-  | { op: "init"; cloudUrl: string; token?: string; model: string; io: MessagePort; simd: "auto" | "simd128"; threads: number }
+  | {
+      op: "init";
+      cloudUrl: string;
+      token?: string;
+      model: string;
+      io: MessagePort;
+      backend: "auto" | "webgpu" | "wasm-cpu";
+      simd: "auto" | "simd128";
+      threads: number;
+    }
   | { op: "chat"; id: number; request: WorkerChatRequest }
   | { op: "stop"; id: number };
 

@@ -14,13 +14,14 @@ export interface EngineInfo {
   weights: string;
   layers: number;
   context_length: number;
-  /// Where the model runs: `wasm-cpu` (WebAssembly SIMD on one core).
-  backend: "wasm-cpu";
+  /// Where the model runs: `webgpu` (burn's wgpu backend on the browser's GPU, weights dequantized to f32 in GPU
+  /// memory) or `wasm-cpu` (WebAssembly SIMD kernels on the quantized weights).
+  backend: "webgpu" | "wasm-cpu";
   /// The engine build this browser runs: with relaxed SIMD's 8-bit dot products where it has them.
   simd: "relaxed-simd" | "simd128";
   /// Threads computing the kernels (the engine's worker and its kernel workers).
   threads: number;
-  /// What `navigator.gpu` offered: an adapter's description, or why there is none.
+  /// What `navigator.gpu` offered: an adapter's description, or null; and whether the model runs on it, or why not.
   webgpu: { adapter: string | null; note: string };
   /// Whether the page is cross-origin isolated, which streaming KV into the worker needs.
   crossOriginIsolated: boolean;

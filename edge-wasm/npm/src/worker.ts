@@ -8,7 +8,11 @@ import type { EngineInfo, LoadProgress, TurnStats } from "./types.js";
 /// The wasm-bindgen exports this worker uses (edge-wasm/src/browser.rs).
 interface Wasm {
   default(input?: unknown): Promise<unknown>;
-  BrowserEngine: { load(model: string, weights: Uint8Array): BrowserEngine };
+  BrowserEngine: {
+    load(model: string, weights: Uint8Array): BrowserEngine;
+    /// The build with WebGPU only (the plain simd128 one).
+    load_webgpu?(model: string, weights: Uint8Array): Promise<BrowserEngine>;
+  };
   expected_weights(model: string): string;
   /// The threaded build only.
   start_kernel_threads?(n: number): number;
@@ -18,7 +22,7 @@ interface BrowserEngine {
   chat(request: string): BrowserChat;
 }
 interface BrowserChat {
-  next(): string | undefined;
+  next(): Promise<string | undefined>;
   stats(): string;
   free(): void;
 }
@@ -42,7 +46,7 @@ scope.onmessage = (e: MessageEvent) => {
   const req = e.data as EngineRequest;
   switch (req.op) {
     case "init":
-      init(req.cloudUrl, req.token, req.model, req.io, req.simd, req.threads).catch((err) => post({ type: "failed", error: message(err) }));
+      init(req).catch((err) => post({ type: "failed", error: message(err) }));
       return;
     case "chat":
       // One turn at a time: the model is one.
@@ -54,70 +58,110 @@ scope.onmessage = (e: MessageEvent) => {
   }
 };
 
-async function init(
-  cloudUrl: string,
-  token: string | undefined,
-  model: string,
-  io: MessagePort,
-  want: "auto" | "simd128",
-  threadsWanted: number,
-): Promise<void> {
+async function init(req: Extract<EngineRequest, { op: "init" }>): Promise<void> {
   const t0 = performance.now();
-  installKvLink(io);
+  installKvLink(req.io);
+  const webgpu = await probeWebGpu();
+  if (req.backend === "webgpu" && !webgpu.adapter) throw new Error(`WebGPU was asked for, but ${webgpu.note}`);
+  // WebGPU where the browser gives an adapter (the plain simd128 build carries burn's wgpu backend), else the CPU.
+  const gpu = req.backend !== "wasm-cpu" && webgpu.adapter !== null ? await importEngine("wasm") : null;
+  const first = gpu ?? (await cpuEngine(req.simd, req.threads));
+  const { weights, cached, drop } = await loadWeights(first.wasm, req.cloudUrl, req.model, req.token);
+  progress({ phase: "load", loaded: 0, total: weights.length });
+  let backend: EngineInfo["backend"] = "wasm-cpu";
+  let cpu = gpu ? null : first;
+  try {
+    if (gpu) {
+      try {
+        engine = await gpu.wasm.BrowserEngine.load_webgpu!(req.model, weights);
+        backend = "webgpu";
+        webgpu.note = "the model runs on WebGPU";
+      } catch (err) {
+        if (req.backend === "webgpu") throw err;
+        webgpu.note = `WebGPU failed (${message(err)}): the model runs on the wasm CPU path`;
+        cpu = await cpuEngine(req.simd, req.threads);
+      }
+    } else if (webgpu.adapter) {
+      webgpu.note = "the wasm CPU path was asked for";
+    }
+    if (cpu) engine = cpu.wasm.BrowserEngine.load(req.model, weights);
+  } catch (err) {
+    // A cached copy that no longer checks out is dropped, so the next load downloads again.
+    await drop(false);
+    throw err;
+  }
+  await drop(true);
+  progress({ phase: "load", loaded: weights.length, total: weights.length });
+  const info: EngineInfo = {
+    ...JSON.parse(engine!.info()),
+    backend,
+    simd: (cpu ?? first).simd,
+    threads: cpu?.threads ?? 1,
+    webgpu,
+    crossOriginIsolated: scope.crossOriginIsolated,
+    weightsCached: cached,
+    loadMs: performance.now() - t0,
+  };
+  post({ type: "ready", info });
+}
+
+interface EngineModule {
+  wasm: Wasm;
+  simd: EngineInfo["simd"];
+  threads: number;
+}
+
+async function importEngine(dir: string): Promise<EngineModule> {
+  const wasm = (await import(new URL(`./${dir}/tandem_edge.js`, import.meta.url).href)) as Wasm;
+  await wasm.default();
+  return { wasm, simd: dir === "wasm" ? "simd128" : "relaxed-simd", threads: 1 };
+}
+
+/// The CPU engine for this browser: relaxed SIMD where it has it, threaded where the page is isolated and the
+/// threaded build exists; else the plain simd128 one.
+async function cpuEngine(want: "auto" | "simd128", threadsWanted: number): Promise<EngineModule> {
   const simd = want === "auto" && relaxedSimd() ? "relaxed-simd" : "simd128";
-  // The threaded engine (relaxed SIMD, shared memory) where the page is isolated and it was built; else one thread.
-  let threads = 1;
-  let wasm: Wasm | null = null;
   if (simd === "relaxed-simd" && threadsWanted > 1 && scope.crossOriginIsolated) {
     const glue = new URL("./wasm-threads/tandem_edge.js", import.meta.url).href;
-    wasm = await import(glue).catch(() => null);
+    const wasm: Wasm | null = await import(glue).catch(() => null);
     if (wasm) {
       await wasm.default();
       installThreadSpawner(glue);
-      threads = wasm.start_kernel_threads!(threadsWanted);
+      return { wasm, simd, threads: wasm.start_kernel_threads!(threadsWanted) };
     }
   }
-  if (!wasm) {
-    const dir = simd === "relaxed-simd" ? "wasm-relaxed" : "wasm";
-    wasm = (await import(new URL(`./${dir}/tandem_edge.js`, import.meta.url).href)) as Wasm;
-    await wasm.default();
-  }
-  const webgpu = await probeWebGpu();
+  return importEngine(simd === "relaxed-simd" ? "wasm-relaxed" : "wasm");
+}
+
+/// The model's weights, from the browser's cache or downloaded; `drop(ok)` then keeps a download that loaded, or
+/// deletes a cached copy that did not.
+async function loadWeights(
+  wasm: Wasm,
+  cloudUrl: string,
+  model: string,
+  token: string | undefined,
+): Promise<{ weights: Uint8Array<ArrayBuffer>; cached: boolean; drop(ok: boolean): Promise<unknown> }> {
   const expected = JSON.parse(wasm.expected_weights(model)) as { sha256: string; size: number };
   const url = `${cloudUrl.replace(/\/$/, "")}/weights/${encodeURIComponent(model)}`;
   // Keyed by model and pinned hash, not by cloud: the same weights serve whichever cloud (or none: offline) the
   // page talks to, and a new pin never reads stale weights.
   const key = `${CACHE_KEY_BASE}/${encodeURIComponent(model)}/${expected.sha256}`;
   const cache = await caches.open(CACHE);
-  const cached = await cache.match(key);
+  const hit = await cache.match(key);
   let weights: Uint8Array<ArrayBuffer>;
-  if (cached) {
-    weights = new Uint8Array(await cached.arrayBuffer());
+  if (hit) {
+    weights = new Uint8Array(await hit.arrayBuffer());
     progress({ phase: "cache", loaded: weights.length, total: weights.length });
   } else {
     weights = await download(url, expected.size, token);
   }
-  progress({ phase: "load", loaded: 0, total: weights.length });
-  try {
-    engine = wasm.BrowserEngine.load(model, weights);
-  } catch (err) {
-    // A cached copy that no longer checks out is dropped, so the next load downloads again.
-    if (cached) await cache.delete(key);
-    throw err;
-  }
-  if (!cached) await cache.put(key, new Response(weights, { headers: { "content-length": String(weights.length) } }));
-  progress({ phase: "load", loaded: weights.length, total: weights.length });
-  const info: EngineInfo = {
-    ...JSON.parse(engine.info()),
-    backend: "wasm-cpu",
-    simd,
-    threads,
-    webgpu,
-    crossOriginIsolated: scope.crossOriginIsolated,
-    weightsCached: cached !== undefined,
-    loadMs: performance.now() - t0,
+  const drop = async (ok: boolean) => {
+    if (hit && !ok) return cache.delete(key);
+    if (!hit && ok) {
+      return cache.put(key, new Response(weights, { headers: { "content-length": String(weights.length) } }));
+    }
   };
-  post({ type: "ready", info });
+  return { weights, cached: hit !== undefined, drop };
 }
 
 /// How the threaded engine starts a kernel thread (`globalThis.tandemThreads`, imported by browser.rs): a worker
@@ -189,7 +233,7 @@ async function probeWebGpu(): Promise<EngineInfo["webgpu"]> {
   if (!adapter) return { adapter: null, note: "WebGPU gave no adapter (no usable GPU, or WebGPU is disabled)" };
   const i = adapter.info ?? {};
   const name = [i.vendor, i.architecture, i.description].filter(Boolean).join(" ") || "unnamed adapter";
-  return { adapter: name, note: "the model runs on the wasm CPU path; WebGPU kernels are not in this build" };
+  return { adapter: name, note: "" };
 }
 
 /// Yields to the worker's event loop (so a `stop` can arrive) without a timer's clamping.
@@ -208,7 +252,7 @@ async function chat(id: number, request: WorkerChatRequest): Promise<void> {
     turn = engine.chat(JSON.stringify(request));
     for (;;) {
       if (stopped.has(id)) break;
-      const piece = turn.next();
+      const piece = await turn.next();
       if (piece === undefined) break;
       post({ type: "token", id, text: piece });
       await yieldToEvents();
