@@ -9,8 +9,12 @@ use tandem_common::quant::Precision;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or("usage: webgpu_parity MODEL.gguf [PROMPT]")?;
-    let prompt = args.next().unwrap_or_else(|| "The capital of France is".into());
+    let path = args
+        .next()
+        .ok_or("usage: webgpu_parity MODEL.gguf [PROMPT]")?;
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "The capital of France is".into());
     let gpu = Device::wgpu_options().init()?;
     let mut answers = Vec::new();
     for (name, device) in [("cpu f32", Device::flex()), ("wgpu", gpu)] {
@@ -27,7 +31,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ids.push(id);
             logits = s.decode(id)?;
         }
-        println!("{name}: loaded in {loaded:?}, 12 tokens in {:?}: {ids:?}", t0.elapsed());
+        println!(
+            "{name}: loaded in {loaded:?}, 12 tokens in {:?}: {ids:?}",
+            t0.elapsed()
+        );
         answers.push(ids);
     }
     if answers[0] != answers[1] {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats, Generation};
-use tandem_common::kv::LayerKv;
+use tandem_common::kv::{DeviceKv, LayerKv};
 use tandem_common::model::{
-    ContextLayer, LayerwisePrefill, Logits, Session, has_quantized_kernels,
+    ContextLayer, LayerKvAt, LayerwisePrefill, Logits, Session, has_quantized_kernels,
 };
 use tandem_common::tokenizer::Message;
 use tandem_common::wire::KvMode;
@@ -329,13 +329,6 @@ fn cloud_prefill(
     };
     let mut local = match own {
         0 => None,
-        // Its layers are read back to the host as they are computed: a browser's GPU cannot wait for that.
-        _ if !has_quantized_kernels(engine.model.device()) => {
-            return Err(failed(format!(
-                "{} KV mode computes context layers here, which this engine only does on the CPU",
-                cloud.mode
-            )));
-        }
         _ if !header
             .positions
             .iter()
@@ -352,12 +345,13 @@ fn cloud_prefill(
         ),
     };
     let local_started = Instant::now();
-    let mut computed = |l: usize| -> Result<Option<LayerKv>, String> {
+    let mut computed = |l: usize| -> Result<Option<DeviceKv>, String> {
         match local.as_mut() {
             Some(p) if l < own => {
-                let kv = p.next_layer().ok_or("no such layer")?;
-                if l + 1 == own {
-                    // The measured speed of this machine, for the next request's split.
+                let kv = p.next_layer_on_device().ok_or("no such layer")?;
+                // The measured speed of this machine, for the next request's split (the CPU's only: a GPU
+                // returns before the work is done).
+                if l + 1 == own && has_quantized_kernels(engine.model.device()) {
                     let all_layers = local_started
                         .elapsed()
                         .mul_f64(n_layers as f64 / own as f64);
@@ -403,7 +397,7 @@ fn cloud_prefill(
             Ok(match (computed(l)?, &gates) {
                 // Only layers whose gate reads the projected KV stream in fused mode.
                 (Some(kv), Some(g)) if g[l] > 0.0 => ContextLayer {
-                    kv,
+                    kv: LayerKvAt::Device(kv),
                     gated: Some((streamed(l)?, g[l])),
                 },
                 (Some(kv), _) => kv.into(),

@@ -68,6 +68,7 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
                 { "do": "reload" },
                 { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2" },
                 { "do": "cache-keys" },
+                { "do": "load", "cloudUrl": cloud.url(), "model": "smollm2", "backend": "webgpu" },
             ]},
         ],
     });
@@ -182,6 +183,12 @@ fn browser_engine_answers_like_native_caches_its_weights_and_falls_back() {
         "{error}"
     );
     assert_eq!(cpu[10]["keys"], json!([]), "{:#}", cpu[10]);
+
+    // Insisting on WebGPU where there is none fails with the reason.
+    let refused = &cpu[11];
+    assert_eq!(refused["ok"], false, "{refused:#}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("WebGPU was asked for, but"), "{error}");
 }
 
 /// Privacy in the browser: everything the page, its workers and the engine send the cloud during a chat — every

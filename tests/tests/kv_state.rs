@@ -153,6 +153,32 @@ fn bad_kv_is_refused_with_a_reason() {
     );
 }
 
+/// A context prefilled in the session and made its shared context on the device (the edge's local fallback, which a
+/// browser's GPU cannot read back) is exactly the context exported and attached: same logits, same exported KV.
+#[test]
+fn context_prefilled_in_place_equals_attached_context() {
+    let e = engine("smollm2");
+    let a = e
+        .tokenizer
+        .encode("Shared context: the edge prefills this itself.")
+        .unwrap();
+    let b = e.tokenizer.encode(" The user asks:").unwrap();
+
+    let mut attached = e.session();
+    attached.attach_context(&e.prefill_kv(&a).unwrap()).unwrap();
+    let want = attached.prefill(&b).unwrap();
+
+    let mut in_place = e.session();
+    in_place.advance(&a).unwrap();
+    in_place.own_as_context().unwrap();
+    assert_eq!(in_place.len(), a.len());
+    let got = in_place.prefill(&b).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(in_place.export(), attached.export());
+    // Only once: the context is in place.
+    assert_eq!(in_place.own_as_context(), Err(SessionError::HasContext));
+}
+
 /// A context whose layers arrive while the prompt is prefilled gives the same logits as one attached whole; a stream
 /// that breaks mid-way leaves the session as it was.
 #[test]

@@ -45,6 +45,11 @@ impl<'m> LayerwisePrefill<'m> {
 
     /// Runs every token through the next layer and returns that layer's KV; `None` after the last layer.
     pub fn next_layer(&mut self) -> Option<LayerKv> {
+        self.next_layer_on_device().map(|kv| kv.download())
+    }
+
+    /// [`next_layer`](Self::next_layer), leaving the KV on the device.
+    pub fn next_layer_on_device(&mut self) -> Option<DeviceKv> {
         let m = self.model;
         let c = m.config();
         let block = m.blocks.get(self.done)?;
@@ -65,6 +70,6 @@ impl<'m> LayerwisePrefill<'m> {
             );
         }
         self.done += 1;
-        Some(kv.download())
+        Some(kv)
     }
 }

@@ -21,7 +21,7 @@ pub use layerwise::LayerwisePrefill;
 pub use logits::Logits;
 pub use qmatrix::{QMatrix, QuantOps, Weight, has_quantized_kernels, q_linear};
 pub use query_energy::QueryEnergy;
-pub use session::{ContextLayer, Session, SessionError, usable_gate};
+pub use session::{ContextLayer, LayerKvAt, Session, SessionError, usable_gate};
 
 use crate::attention::{self, Partial};
 use crate::gguf::{Gguf, GgufError};

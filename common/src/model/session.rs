@@ -22,6 +22,8 @@ pub enum SessionError {
     BadToken { id: u32, vocab: usize },
     #[error("a shared context can only be attached before the session has tokens of its own")]
     ContextAfterTokens,
+    #[error("the session already has a shared context")]
+    HasContext,
     #[error(transparent)]
     Kv(#[from] KvError),
     #[error("shared context stream failed at layer {layer}: {reason}")]
@@ -33,13 +35,32 @@ pub enum SessionError {
 /// One context layer as a streamed prefill receives it: the context's KV, and optionally a second reading of the
 /// same tokens with its gate (see [`Session::attach_gated`]).
 pub struct ContextLayer {
-    pub kv: LayerKv,
+    pub kv: LayerKvAt,
     pub gated: Option<(LayerKv, f32)>,
+}
+
+/// A context layer's KV as it comes: received (on the host), or computed here (already on the device, so a GPU
+/// never has to read it back).
+pub enum LayerKvAt {
+    Host(LayerKv),
+    Device(DeviceKv),
 }
 
 impl From<LayerKv> for ContextLayer {
     fn from(kv: LayerKv) -> Self {
-        ContextLayer { kv, gated: None }
+        ContextLayer {
+            kv: LayerKvAt::Host(kv),
+            gated: None,
+        }
+    }
+}
+
+impl From<DeviceKv> for ContextLayer {
+    fn from(kv: DeviceKv) -> Self {
+        ContextLayer {
+            kv: LayerKvAt::Device(kv),
+            gated: None,
+        }
     }
 }
 
@@ -293,7 +314,19 @@ impl<'m> Session<'m> {
                             model.device(),
                         ))
                     };
-                    ctx[l] = Some(upload(&layer.kv)?);
+                    ctx[l] = Some(match layer.kv {
+                        LayerKvAt::Host(kv) => upload(&kv)?,
+                        LayerKvAt::Device(kv) if kv.len() == n => kv,
+                        LayerKvAt::Device(kv) => {
+                            return Err(SessionError::Stream {
+                                layer: l,
+                                reason: format!(
+                                    "layer holds {} tokens, the context has {n}",
+                                    kv.len()
+                                ),
+                            });
+                        }
+                    });
                     if let Some((kv, gate)) = &layer.gated {
                         gated[l] = Some(Blend {
                             kv: upload(kv)?,
@@ -319,7 +352,7 @@ impl<'m> Session<'m> {
     /// ([`attach_context`](Self::attach_context)), without it leaving the device: a context prefilled here.
     pub fn own_as_context(&mut self) -> Result<(), SessionError> {
         if !self.ctx_tokens.is_empty() {
-            return Err(KvError::Corrupt("the session already has a shared context".into()).into());
+            return Err(SessionError::HasContext);
         }
         let c = self.model.config();
         let empty = Tensor::<3>::zeros([c.n_kv_heads, 0, c.head_dim], self.model.device());
