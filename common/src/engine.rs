@@ -8,7 +8,7 @@ use burn::tensor::Device;
 
 use crate::gguf::{Gguf, GgufError};
 use crate::kv::KvState;
-use crate::model::{Logits, Model, QueryEnergy, Session, SessionError};
+use crate::model::{Logits, Model, QueryEnergy, Session, SessionError, has_quantized_kernels};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 
@@ -128,9 +128,10 @@ impl Engine {
         Some(f64::from_bits(self.prefill_rate.load(Relaxed))).filter(|&r| r > 0.0)
     }
 
-    /// Records that `tokens` went through every layer in `took` (runs under 64 tokens say little and are ignored).
+    /// Records that `tokens` went through every layer in `took` (runs under 64 tokens say little and are ignored,
+    /// and so do a GPU's: its calls return before the work is done).
     pub fn record_prefill(&self, tokens: usize, took: Duration) {
-        if tokens >= 64 && !took.is_zero() {
+        if tokens >= 64 && !took.is_zero() && has_quantized_kernels(self.model.device()) {
             let rate = tokens as f64 / took.as_secs_f64();
             self.prefill_rate.store(rate.to_bits(), Relaxed);
         }

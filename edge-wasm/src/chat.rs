@@ -8,9 +8,7 @@ use std::time::Duration;
 use tandem_common::codec::Codec;
 use tandem_common::engine::{Engine, EngineError, GenerateOptions, GenerateStats, Generation};
 use tandem_common::kv::{DeviceKv, LayerKv};
-use tandem_common::model::{
-    ContextLayer, LayerKvAt, LayerwisePrefill, Logits, Session, has_quantized_kernels,
-};
+use tandem_common::model::{ContextLayer, LayerKvAt, LayerwisePrefill, Logits, Session};
 use tandem_common::tokenizer::Message;
 use tandem_common::wire::KvMode;
 use web_time::Instant;
@@ -277,10 +275,7 @@ fn local_context(
     let t0 = Instant::now();
     session.advance(tokens)?;
     session.own_as_context()?;
-    // A GPU returns before the work is done: only the CPU's time says how fast this machine prefills.
-    if has_quantized_kernels(engine.model.device()) {
-        engine.record_prefill(tokens.len(), t0.elapsed());
-    }
+    engine.record_prefill(tokens.len(), t0.elapsed());
     Ok(())
 }
 
@@ -349,9 +344,8 @@ fn cloud_prefill(
         match local.as_mut() {
             Some(p) if l < own => {
                 let kv = p.next_layer_on_device().ok_or("no such layer")?;
-                // The measured speed of this machine, for the next request's split (the CPU's only: a GPU
-                // returns before the work is done).
-                if l + 1 == own && has_quantized_kernels(engine.model.device()) {
+                if l + 1 == own {
+                    // The measured speed of this machine, for the next request's split.
                     let all_layers = local_started
                         .elapsed()
                         .mul_f64(n_layers as f64 / own as f64);

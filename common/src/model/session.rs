@@ -354,17 +354,9 @@ impl<'m> Session<'m> {
         if !self.ctx_tokens.is_empty() {
             return Err(SessionError::HasContext);
         }
-        let c = self.model.config();
-        let empty = Tensor::<3>::zeros([c.n_kv_heads, 0, c.head_dim], self.model.device());
         for (ctx, own) in self.ctx.iter_mut().zip(&mut self.own) {
-            let kv = std::mem::replace(
-                own,
-                DeviceKv {
-                    k: empty.clone(),
-                    v: empty.clone(),
-                },
-            );
-            *ctx = Some(kv);
+            *ctx = Some(own.clone());
+            own.truncate(0);
         }
         self.ctx_tokens = std::mem::take(&mut self.own_tokens);
         self.ctx_positions = (0..self.ctx_tokens.len() as u32).collect();
