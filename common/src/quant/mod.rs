@@ -9,6 +9,8 @@ mod dequant;
 mod dot;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm_blocks32;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

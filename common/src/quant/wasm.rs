@@ -4,11 +4,13 @@
 //! Each kernel computes what `dot::dot_scalar` computes for its type: weights are unpacked 16 at a time to bytes,
 //! widened with the int8 activations to i16 and multiplied-and-added in pairs (`i32x4.dot_i16x8_s`) to i32, then
 //! scaled in f32. Offsets and minimums are folded in through the activation block sums, as on x86. Where relaxed
-//! SIMD is enabled (the wasmtime component), 4- and 6-bit weights use its 8-bit dot product instead.
+//! SIMD is enabled (the wasmtime component, the browser's relaxed engine), 4- to 6-bit weights use its 8-bit dot
+//! product instead. The 32-element block types (Q4_0, Q4_1, Q5_0, Q8_0) are in `wasm_blocks32`.
 
 use std::arch::wasm32::*;
 
 use super::dot::ActRow;
+use super::wasm_blocks32 as blocks32;
 use super::{GgmlType, f16_at};
 
 type DotFn = fn(&[u8], ActRow<'_>) -> f32;
@@ -16,10 +18,10 @@ type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 /// The simd128 kernel for `ty`.
 pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
     Some(match ty {
-        GgmlType::Q4_0 => q4_0,
-        GgmlType::Q4_1 => q4_1,
-        GgmlType::Q5_0 => q5_0,
-        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_0 => blocks32::dot::<blocks32::Q4_0>,
+        GgmlType::Q4_1 => blocks32::dot::<blocks32::Q4_1>,
+        GgmlType::Q5_0 => blocks32::dot::<blocks32::Q5_0>,
+        GgmlType::Q8_0 => blocks32::dot::<blocks32::Q8_0>,
         GgmlType::Q4K => q4k,
         GgmlType::Q6K => q6k,
         _ => return None,
@@ -28,20 +30,21 @@ pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
 
 /// 16 bytes at `b[at..]` (bounds-checked).
 #[inline(always)]
-fn load16(b: &[u8], at: usize) -> v128 {
+pub(super) fn load16(b: &[u8], at: usize) -> v128 {
     let s = &b[at..at + 16];
     // SAFETY: `s` is 16 readable bytes; wasm loads need no alignment.
     unsafe { v128_load(s.as_ptr() as *const v128) }
 }
 
 #[inline(always)]
-fn load16_i8(b: &[i8], at: usize) -> v128 {
+pub(super) fn load16_i8(b: &[i8], at: usize) -> v128 {
     let s = &b[at..at + 16];
     // SAFETY: as in `load16`.
     unsafe { v128_load(s.as_ptr() as *const v128) }
 }
 
 /// Σ w·a over 16 signed bytes each, in 4 × i32 lanes.
+#[cfg(not(target_feature = "relaxed-simd"))]
 #[inline(always)]
 fn dot16(w: v128, a: v128) -> v128 {
     let lo = i32x4_dot_i16x8(i16x8_extend_low_i8x16(w), i16x8_extend_low_i8x16(a));
@@ -50,6 +53,7 @@ fn dot16(w: v128, a: v128) -> v128 {
 }
 
 /// Σ w·a over the 32 elements of activation block `b`, given the weights as two halves of 16 bytes.
+#[cfg(not(target_feature = "relaxed-simd"))]
 #[inline(always)]
 fn dot32(w0: v128, w1: v128, a: ActRow<'_>, b: usize) -> v128 {
     i32x4_add(
@@ -130,24 +134,13 @@ fn hsum(v: v128) -> f32 {
 
 /// 16 bytes of packed nibbles → (low nibbles, high nibbles).
 #[inline(always)]
-fn nibbles(b: v128) -> (v128, v128) {
+pub(super) fn nibbles(b: v128) -> (v128, v128) {
     (v128_and(b, u8x16_splat(0x0f)), u8x16_shr(b, 4))
-}
-
-fn q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
-    let (mut acc, mut off) = (f32x4_splat(0.0), 0f32);
-    for (b, blk) in w.chunks_exact(18).enumerate() {
-        let s = f16_at(blk, 0) * a.d[b];
-        let (lo, hi) = nibbles(load16(blk, 2));
-        acc = scaled(acc, dot32_u7(lo, hi, a, b), s);
-        off += s * a.sum[b] as f32;
-    }
-    hsum(acc) - 8.0 * off
 }
 
 /// The fifth bits of a Q5_0 block's 32 weights (bit j of `qh`) as bytes 0 or 16: weights 0..16, then 16..32.
 #[inline(always)]
-fn fifth_bits(qh: u32) -> (v128, v128) {
+pub(super) fn fifth_bits(qh: u32) -> (v128, v128) {
     let bytes = u32x4_splat(qh);
     let bit = u8x16(1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128);
     let spread = |sel: v128| {
@@ -158,39 +151,6 @@ fn fifth_bits(qh: u32) -> (v128, v128) {
         spread(u8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)),
         spread(u8x16(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)),
     )
-}
-
-fn q5_0(w: &[u8], a: ActRow<'_>) -> f32 {
-    let mut acc = f32x4_splat(0.0);
-    let mut off = 0f32;
-    for (b, blk) in w.chunks_exact(22).enumerate() {
-        let s = f16_at(blk, 0) * a.d[b];
-        let (h0, h1) = fifth_bits(u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]));
-        let (lo, hi) = nibbles(load16(blk, 6));
-        acc = scaled(acc, dot32_u7(v128_or(lo, h0), v128_or(hi, h1), a, b), s);
-        off += s * a.sum[b] as f32;
-    }
-    hsum(acc) - 16.0 * off
-}
-
-fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
-    let (mut acc, mut off) = (f32x4_splat(0.0), 0f32);
-    for (b, blk) in w.chunks_exact(20).enumerate() {
-        let s = f16_at(blk, 0) * a.d[b];
-        let (lo, hi) = nibbles(load16(blk, 4));
-        acc = scaled(acc, dot32_u7(lo, hi, a, b), s);
-        off += f16_at(blk, 2) * a.d[b] * a.sum[b] as f32;
-    }
-    hsum(acc) + off
-}
-
-fn q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
-    let mut acc = f32x4_splat(0.0);
-    for (b, blk) in w.chunks_exact(34).enumerate() {
-        let s = f16_at(blk, 0) * a.d[b];
-        acc = scaled(acc, dot32(load16(blk, 2), load16(blk, 18), a, b), s);
-    }
-    hsum(acc)
 }
 
 fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
