@@ -41,12 +41,15 @@ impl Q8Act {
             sum: vec![0; blocks],
         };
         for (b, xs) in x.chunks_exact(QK8).enumerate() {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Comparisons, not `f32::max`: in WebAssembly that is a call to `fmaxf` (NaN rules differ).
+            let amax = xs
+                .iter()
+                .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut s = 0i32;
             for (q, &v) in a.qs[b * QK8..(b + 1) * QK8].iter_mut().zip(xs) {
-                *q = (v * id).round() as i8;
+                *q = round_half_away(v * id) as i8;
                 s += *q as i32;
             }
             a.d[b] = d;
@@ -67,6 +70,18 @@ impl Q8Act {
             d: &self.d[n * nb..(n + 1) * nb],
             sum: &self.sum[n * nb..(n + 1) * nb],
         }
+    }
+}
+
+/// `x` rounded half away from zero, as `f32::round` does (and llama.cpp's `roundf`), from `trunc`: one instruction
+/// in WebAssembly, where `round` is a call to libm's `roundf`. `x − trunc(x)` is exact.
+#[inline]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
     }
 }
 
@@ -386,6 +401,34 @@ pub(super) mod tests {
                     "{ty:?}: portable {portable} vs exact {exact} (bound {norm})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn round_half_away_is_f32_round() {
+        for x in [
+            0.5f32,
+            -0.5,
+            1.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            127.0,
+            0.0,
+            -0.0,
+            3.2,
+            -7.7,
+        ] {
+            assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
+        let mut x = 1u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = (x as f32 / u32::MAX as f32 - 0.5) * 300.0;
+            assert_eq!(round_half_away(v), v.round(), "{v}");
         }
     }
 

@@ -11,6 +11,8 @@ mod dot;
 mod wasm;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm_blocks32;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm_kquants;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -9,9 +9,10 @@
 
 use std::arch::wasm32::*;
 
+use super::GgmlType;
 use super::dot::ActRow;
 use super::wasm_blocks32 as blocks32;
-use super::{GgmlType, f16_at};
+use super::wasm_kquants as kquants;
 
 type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 
@@ -22,8 +23,8 @@ pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
         GgmlType::Q4_1 => blocks32::dot::<blocks32::Q4_1>,
         GgmlType::Q5_0 => blocks32::dot::<blocks32::Q5_0>,
         GgmlType::Q8_0 => blocks32::dot::<blocks32::Q8_0>,
-        GgmlType::Q4K => q4k,
-        GgmlType::Q6K => q6k,
+        GgmlType::Q4K => kquants::q4k,
+        GgmlType::Q6K => kquants::q6k,
         _ => return None,
     })
 }
@@ -41,49 +42,6 @@ pub(super) fn load16_i8(b: &[i8], at: usize) -> v128 {
     let s = &b[at..at + 16];
     // SAFETY: as in `load16`.
     unsafe { v128_load(s.as_ptr() as *const v128) }
-}
-
-/// Σ w·a over 16 signed bytes each, in 4 × i32 lanes.
-#[cfg(not(target_feature = "relaxed-simd"))]
-#[inline(always)]
-fn dot16(w: v128, a: v128) -> v128 {
-    let lo = i32x4_dot_i16x8(i16x8_extend_low_i8x16(w), i16x8_extend_low_i8x16(a));
-    let hi = i32x4_dot_i16x8(i16x8_extend_high_i8x16(w), i16x8_extend_high_i8x16(a));
-    i32x4_add(lo, hi)
-}
-
-/// Σ w·a over the 32 elements of activation block `b`, given the weights as two halves of 16 bytes.
-#[cfg(not(target_feature = "relaxed-simd"))]
-#[inline(always)]
-fn dot32(w0: v128, w1: v128, a: ActRow<'_>, b: usize) -> v128 {
-    i32x4_add(
-        dot16(w0, load16_i8(a.qs, 32 * b)),
-        dot16(w1, load16_i8(a.qs, 32 * b + 16)),
-    )
-}
-
-/// As [`dot32`] for weights in 0..128, with relaxed SIMD's 8-bit dot product (one `pmaddubsw` + `pmaddwd` on x86,
-/// `sdot` on ARM). Its result is only implementation-defined for weights ≥ 128, which these never are.
-#[cfg(target_feature = "relaxed-simd")]
-#[inline(always)]
-fn dot32_u7(w0: v128, w1: v128, a: ActRow<'_>, b: usize) -> v128 {
-    let acc = i32x4_relaxed_dot_i8x16_i7x16_add(load16_i8(a.qs, 32 * b), w0, i32x4_splat(0));
-    i32x4_relaxed_dot_i8x16_i7x16_add(load16_i8(a.qs, 32 * b + 16), w1, acc)
-}
-
-#[cfg(not(target_feature = "relaxed-simd"))]
-use self::dot32 as dot32_u7;
-
-/// Σ (q − 32)·a over 16 elements for 6-bit weights `q` in 0..64.
-#[inline(always)]
-fn dot16_q6(q: v128, a: v128) -> v128 {
-    #[cfg(target_feature = "relaxed-simd")]
-    return i32x4_sub(
-        i32x4_relaxed_dot_i8x16_i7x16_add(a, q, i32x4_splat(0)),
-        i32x4_relaxed_dot_i8x16_i7x16_add(a, i8x16_splat(32), i32x4_splat(0)),
-    );
-    #[cfg(not(target_feature = "relaxed-simd"))]
-    dot16(i8x16_sub(q, i8x16_splat(32)), a)
 }
 
 /// Dot products of one weight row in batched.rs's common form (signed bytes `q`, a scale per 16) with a tile of
@@ -127,7 +85,7 @@ fn scaled(acc: v128, p: v128, s: f32) -> v128 {
 }
 
 #[inline(always)]
-fn hsum(v: v128) -> f32 {
+pub(super) fn hsum(v: v128) -> f32 {
     (f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v))
         + (f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v))
 }
@@ -153,55 +111,30 @@ pub(super) fn fifth_bits(qh: u32) -> (v128, v128) {
     )
 }
 
-fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
-    let (mut acc, mut mins) = (f32x4_splat(0.0), 0f32);
-    for (sb, blk) in w.chunks_exact(144).enumerate() {
-        let d = f16_at(blk, 0);
-        let dmin = f16_at(blk, 2);
-        let scales = &blk[4..16];
-        for j in 0..4 {
-            // 32 bytes: their low nibbles are group 2j, their high nibbles group 2j + 1.
-            let (lo0, hi0) = nibbles(load16(blk, 16 + 32 * j));
-            let (lo1, hi1) = nibbles(load16(blk, 32 + 32 * j));
-            for (h, (w0, w1)) in [(0, (lo0, lo1)), (1, (hi0, hi1))] {
-                let g = 2 * j + h;
-                let ab = sb * 8 + g;
-                let (sc, m) = super::dequant::q4k_scale_min(g, scales);
-                acc = scaled(acc, dot32_u7(w0, w1, a, ab), d * sc as f32 * a.d[ab]);
-                mins += dmin * m as f32 * a.d[ab] * a.sum[ab] as f32;
-            }
-        }
-    }
-    hsum(acc) - mins
+/// `[Σ p[0], Σ p[1], Σ p[2], Σ p[3]]`, each the sum of that vector's four lanes (exact: integers).
+#[inline(always)]
+pub(super) fn sum_lanes([p0, p1, p2, p3]: [v128; 4]) -> v128 {
+    let u0 = i32x4_add(
+        i32x4_shuffle::<0, 4, 1, 5>(p0, p1),
+        i32x4_shuffle::<2, 6, 3, 7>(p0, p1),
+    );
+    let u1 = i32x4_add(
+        i32x4_shuffle::<0, 4, 1, 5>(p2, p3),
+        i32x4_shuffle::<2, 6, 3, 7>(p2, p3),
+    );
+    i32x4_add(i64x2_shuffle::<0, 2>(u0, u1), i64x2_shuffle::<1, 3>(u0, u1))
 }
 
-fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
-    let mut acc = f32x4_splat(0.0);
-    for (sb, blk) in w.chunks_exact(210).enumerate() {
-        let d = f16_at(blk, 208);
-        for half in 0..2 {
-            for part in 0..4 {
-                let g = 4 * half + part;
-                let ab = sb * 8 + g;
-                let sc = &blk[192 + 8 * half + 2 * part..];
-                // Elements 0..16 of the group use the first scale, 16..32 the second.
-                for (i, &scale) in sc[..2].iter().enumerate() {
-                    let ql = load16(blk, 64 * half + 32 * (part & 1) + 16 * i);
-                    let qh = load16(blk, 128 + 32 * half + 16 * i);
-                    let lo = if part < 2 {
-                        v128_and(ql, u8x16_splat(0x0f))
-                    } else {
-                        u8x16_shr(ql, 4)
-                    };
-                    let hb = v128_and(u8x16_shr(qh, 2 * part as u32), u8x16_splat(0x03));
-                    let p = dot16_q6(
-                        v128_or(lo, i8x16_shl(hb, 4)),
-                        load16_i8(a.qs, 32 * ab + 16 * i),
-                    );
-                    acc = scaled(acc, p, d * (scale as i8) as f32 * a.d[ab]);
-                }
-            }
-        }
-    }
-    hsum(acc)
+#[inline(always)]
+pub(super) fn load_i32x4(v: &[i32]) -> v128 {
+    let v: &[i32; 4] = v.try_into().expect("four lanes");
+    // SAFETY: 16 readable bytes; wasm loads need no alignment.
+    unsafe { v128_load(v.as_ptr() as *const v128) }
+}
+
+#[inline(always)]
+pub(super) fn load_f32x4(v: &[f32]) -> v128 {
+    let v: &[f32; 4] = v.try_into().expect("four lanes");
+    // SAFETY: as in `load_i32x4`.
+    unsafe { v128_load(v.as_ptr() as *const v128) }
 }

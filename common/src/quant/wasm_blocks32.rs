@@ -7,8 +7,7 @@
 use std::arch::wasm32::*;
 
 use super::dot::ActRow;
-use super::f16_at;
-use super::wasm::{fifth_bits, load16, load16_i8, nibbles};
+use super::wasm::{fifth_bits, hsum, load_f32x4, load_i32x4, load16, nibbles, sum_lanes};
 
 /// One activation block of 32 signed bytes, as loaded (halves 0..16, 16..32) and widened to i16.
 pub(super) struct Act32 {
@@ -19,8 +18,12 @@ pub(super) struct Act32 {
 
 impl Act32 {
     #[inline(always)]
-    fn load(a: ActRow<'_>, b: usize) -> Self {
-        let (a0, a1) = (load16_i8(a.qs, 32 * b), load16_i8(a.qs, 32 * b + 16));
+    pub(super) fn load(q: &[i8; 32]) -> Self {
+        // SAFETY: 32 readable bytes; wasm loads need no alignment.
+        let (a0, a1) = unsafe {
+            let p = q.as_ptr() as *const v128;
+            (v128_load(p), v128_load(p.add(1)))
+        };
         Act32 {
             a0,
             a1,
@@ -50,7 +53,7 @@ impl Act32 {
     /// As [`Act32::dot`] for weights in 0..128: relaxed SIMD's 8-bit dot product where the build has it (its
     /// result is only implementation-defined for weights ≥ 128, which these never are).
     #[inline(always)]
-    fn dot_u7(&self, w0: v128, w1: v128) -> v128 {
+    pub(super) fn dot_u7(&self, w0: v128, w1: v128) -> v128 {
         #[cfg(target_feature = "relaxed-simd")]
         return i32x4_relaxed_dot_i8x16_i7x16_add(
             self.a1,
@@ -124,6 +127,7 @@ impl Block32 for Q8_0 {
 /// Σ w·a over one row of `B` blocks.
 pub(super) fn dot<B: Block32>(w: &[u8], a: ActRow<'_>) -> f32 {
     let blocks = w.len() / B::BYTES;
+    let block = |b: usize| &w[b * B::BYTES..(b + 1) * B::BYTES];
     let mut acc = f32x4_splat(0.0);
     let mut b = 0;
     while b + 4 <= blocks {
@@ -131,59 +135,70 @@ pub(super) fn dot<B: Block32>(w: &[u8], a: ActRow<'_>) -> f32 {
         let (b0, rest) = four.split_at(B::BYTES);
         let (b1, rest) = rest.split_at(B::BYTES);
         let (b2, b3) = rest.split_at(B::BYTES);
-        let blk = [b0, b1, b2, b3];
-        let mut s = sum_lanes([
-            block_dot::<B>(blk[0], a, b),
-            block_dot::<B>(blk[1], a, b + 1),
-            block_dot::<B>(blk[2], a, b + 2),
-            block_dot::<B>(blk[3], a, b + 3),
-        ]);
-        let sums = load_i32x4(&a.sum[b..b + 4]);
-        if B::OFFSET != 0 {
-            s = i32x4_sub(s, i32x4_mul(sums, i32x4_splat(B::OFFSET)));
-        }
-        let ad = load_f32x4(&a.d[b..b + 4]);
-        let mut t = f32x4_mul(f32x4_mul(f16x4(&blk, 0), ad), f32x4_convert_i32x4(s));
-        if B::MIN {
-            let m = f32x4_mul(f16x4(&blk, 2), ad);
-            t = f32x4_add(t, f32x4_mul(m, f32x4_convert_i32x4(sums)));
-        }
-        acc = f32x4_add(acc, t);
+        let (ad, sums) = (load_f32x4(&a.d[b..b + 4]), load_i32x4(&a.sum[b..b + 4]));
+        let q: &[i8; 128] = a.qs[32 * b..32 * b + 128].try_into().expect("four blocks");
+        let (q0, rest) = q.split_first_chunk::<32>().expect("block");
+        let (q1, rest) = rest.split_first_chunk::<32>().expect("block");
+        let (q2, q3) = rest.split_first_chunk::<32>().expect("block");
+        let q3: &[i8; 32] = q3.try_into().expect("block");
+        acc = f32x4_add(acc, step::<B>([b0, b1, b2, b3], [q0, q1, q2, q3], ad, sums));
         b += 4;
     }
-    let mut total = (f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc))
-        + (f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc));
-    for b in b..blocks {
-        let blk = &w[b * B::BYTES..(b + 1) * B::BYTES];
-        let p = block_dot::<B>(blk, a, b);
-        let s = (i32x4_extract_lane::<0>(p) + i32x4_extract_lane::<1>(p))
-            + (i32x4_extract_lane::<2>(p) + i32x4_extract_lane::<3>(p));
-        total += f16_at(blk, 0) * a.d[b] * (s - B::OFFSET * a.sum[b]) as f32;
-        if B::MIN {
-            total += f16_at(blk, 2) * a.d[b] * a.sum[b] as f32;
-        }
+    let left = blocks - b;
+    if left > 0 {
+        // The last one to three blocks as a step of four: lanes past the row repeat its last block, and their
+        // activation scale and sum are zero, so they add exactly nothing.
+        let lane = |j: usize| j.min(left - 1);
+        let live = |j: usize| j < left;
+        let ad = f32x4(
+            a.d[b],
+            if live(1) { a.d[b + 1] } else { 0.0 },
+            if live(2) { a.d[b + 2] } else { 0.0 },
+            0.0,
+        );
+        let sums = i32x4(
+            a.sum[b],
+            if live(1) { a.sum[b + 1] } else { 0 },
+            if live(2) { a.sum[b + 2] } else { 0 },
+            0,
+        );
+        let act = |j: usize| -> &[i8; 32] {
+            let at = 32 * (b + lane(j));
+            a.qs[at..at + 32].try_into().expect("block")
+        };
+        let blk = [
+            block(b),
+            block(b + lane(1)),
+            block(b + lane(2)),
+            block(b + lane(3)),
+        ];
+        acc = f32x4_add(
+            acc,
+            step::<B>(blk, [act(0), act(1), act(2), act(3)], ad, sums),
+        );
     }
-    total
+    hsum(acc)
 }
 
-/// Σ q·a over block `b` (`blk`), in i32 lanes.
+/// Four blocks' Σ w·a, lane j for weight block `blk[j]` and activation block `act[j]`, whose scale and sum are lane
+/// j of `ad` and `sums`.
 #[inline(always)]
-fn block_dot<B: Block32>(blk: &[u8], a: ActRow<'_>, b: usize) -> v128 {
-    B::dot(blk, &Act32::load(a, b))
-}
-
-/// `[Σ p[0], Σ p[1], Σ p[2], Σ p[3]]`, each the sum of that vector's four lanes (exact: integers).
-#[inline(always)]
-fn sum_lanes([p0, p1, p2, p3]: [v128; 4]) -> v128 {
-    let u0 = i32x4_add(
-        i32x4_shuffle::<0, 4, 1, 5>(p0, p1),
-        i32x4_shuffle::<2, 6, 3, 7>(p0, p1),
-    );
-    let u1 = i32x4_add(
-        i32x4_shuffle::<0, 4, 1, 5>(p2, p3),
-        i32x4_shuffle::<2, 6, 3, 7>(p2, p3),
-    );
-    i32x4_add(i64x2_shuffle::<0, 2>(u0, u1), i64x2_shuffle::<1, 3>(u0, u1))
+fn step<B: Block32>(blk: [&[u8]; 4], act: [&[i8; 32]; 4], ad: v128, sums: v128) -> v128 {
+    let mut s = sum_lanes([
+        B::dot(blk[0], &Act32::load(act[0])),
+        B::dot(blk[1], &Act32::load(act[1])),
+        B::dot(blk[2], &Act32::load(act[2])),
+        B::dot(blk[3], &Act32::load(act[3])),
+    ]);
+    if B::OFFSET != 0 {
+        s = i32x4_sub(s, i32x4_mul(sums, i32x4_splat(B::OFFSET)));
+    }
+    let mut t = f32x4_mul(f32x4_mul(f16x4(&blk, 0), ad), f32x4_convert_i32x4(s));
+    if B::MIN {
+        let m = f32x4_mul(f16x4(&blk, 2), ad);
+        t = f32x4_add(t, f32x4_mul(m, f32x4_convert_i32x4(sums)));
+    }
+    t
 }
 
 /// The f16 at byte `at` of each block, as f32 lanes. Exact for every finite f16 (normal or subnormal): its
@@ -191,23 +206,13 @@ fn sum_lanes([p0, p1, p2, p3]: [v128; 4]) -> v128 {
 /// and NaNs (which no valid GGUF scale is) come out as large finite numbers.
 #[inline(always)]
 fn f16x4(blocks: &[&[u8]; 4], at: usize) -> v128 {
-    let h = |j: usize| u32::from(u16::from_le_bytes([blocks[j][at], blocks[j][at + 1]]));
+    let h = |j: usize| {
+        u32::from(u16::from_le_bytes(
+            blocks[j][at..at + 2].try_into().expect("f16"),
+        ))
+    };
     let bits = u32x4(h(0), h(1), h(2), h(3));
     let magnitude = i32x4_shl(v128_and(bits, u32x4_splat(0x7fff)), 13);
     let value = f32x4_mul(magnitude, f32x4_splat(f32::from_bits((127 + 112) << 23)));
     v128_or(value, i32x4_shl(v128_and(bits, u32x4_splat(0x8000)), 16))
-}
-
-#[inline(always)]
-fn load_i32x4(v: &[i32]) -> v128 {
-    let v: &[i32; 4] = v.try_into().expect("four lanes");
-    // SAFETY: 16 readable bytes; wasm loads need no alignment.
-    unsafe { v128_load(v.as_ptr() as *const v128) }
-}
-
-#[inline(always)]
-fn load_f32x4(v: &[f32]) -> v128 {
-    let v: &[f32; 4] = v.try_into().expect("four lanes");
-    // SAFETY: as in `load_i32x4`.
-    unsafe { v128_load(v.as_ptr() as *const v128) }
 }
