@@ -112,10 +112,11 @@ fn dot16_q6(q: v128, a: v128) -> v128 {
     }
 }
 
-/// Σ (q − 32)·a over sub-block `s` (0..16, 16 weights, one scale each) of a Q6_K super-block.
+/// Σ (q − 32)·a over sub-block `S` (0..16, 16 weights, one scale each) of a Q6_K super-block. `S` is a constant so
+/// that the bit shifts are: simd128's byte shifts by a variable amount compile to long sequences on x86.
 #[inline(always)]
-fn q6k_sub(blk: &[u8], q: &[i8; 256], s: usize) -> v128 {
-    let (g, i) = (s / 2, s % 2);
+fn q6k_sub<const S: usize>(blk: &[u8], q: &[i8; 256]) -> v128 {
+    let (g, i) = (S / 2, S % 2);
     let (half, part) = (g / 4, g % 4);
     let ql = load16(blk, 64 * half + 32 * (part & 1) + 16 * i);
     let qh = load16(blk, 128 + 32 * half + 16 * i);
@@ -125,7 +126,7 @@ fn q6k_sub(blk: &[u8], q: &[i8; 256], s: usize) -> v128 {
         u8x16_shr(ql, 4)
     };
     let hb = v128_and(u8x16_shr(qh, 2 * part as u32), u8x16_splat(0x03));
-    let at = 16 * s;
+    let at = 16 * S;
     let a: &[i8; 16] = q[at..at + 16].try_into().expect("16 activations");
     // SAFETY: 16 readable bytes; wasm loads need no alignment.
     let a = unsafe { v128_load(a.as_ptr() as *const v128) };
@@ -136,15 +137,35 @@ pub(super) fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
     let mut acc = f32x4_splat(0.0);
     for (sb, blk) in w.chunks_exact(210).enumerate() {
         let q = act_blocks(a, sb);
-        let mut dots = f32x4_splat(0.0);
         // Sub-blocks 4k..4k + 4: groups 2k and 2k + 1, two halves of 16 each.
-        for k in 0..4 {
-            let s = sum_lanes([
-                q6k_sub(blk, q, 4 * k),
-                q6k_sub(blk, q, 4 * k + 1),
-                q6k_sub(blk, q, 4 * k + 2),
-                q6k_sub(blk, q, 4 * k + 3),
-            ]);
+        let quads = [
+            sum_lanes([
+                q6k_sub::<0>(blk, q),
+                q6k_sub::<1>(blk, q),
+                q6k_sub::<2>(blk, q),
+                q6k_sub::<3>(blk, q),
+            ]),
+            sum_lanes([
+                q6k_sub::<4>(blk, q),
+                q6k_sub::<5>(blk, q),
+                q6k_sub::<6>(blk, q),
+                q6k_sub::<7>(blk, q),
+            ]),
+            sum_lanes([
+                q6k_sub::<8>(blk, q),
+                q6k_sub::<9>(blk, q),
+                q6k_sub::<10>(blk, q),
+                q6k_sub::<11>(blk, q),
+            ]),
+            sum_lanes([
+                q6k_sub::<12>(blk, q),
+                q6k_sub::<13>(blk, q),
+                q6k_sub::<14>(blk, q),
+                q6k_sub::<15>(blk, q),
+            ]),
+        ];
+        let mut dots = f32x4_splat(0.0);
+        for (k, s) in quads.into_iter().enumerate() {
             let (d0, d1) = (a.d[8 * sb + 2 * k], a.d[8 * sb + 2 * k + 1]);
             let scale = f32x4_mul(i8x4_to_f32(&blk[192 + 4 * k..]), f32x4(d0, d0, d1, d1));
             dots = f32x4_add(dots, f32x4_mul(f32x4_convert_i32x4(s), scale));

@@ -62,6 +62,9 @@ impl Runtime {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.wasm_component_model(true);
+        if std::env::var("TANDEM_WASM_PERFMAP").is_ok() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let component = compile_cached(&engine, path)?;
         let mut linker = Linker::new(&engine);
