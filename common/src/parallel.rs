@@ -32,12 +32,18 @@ impl<'a> OutMatrix<'a> {
         }
     }
 
-    /// Writes output `[i, r]`. Only the worker that owns row `r` may call this.
+    /// Writes outputs `[i, r..r + values.len()]`. Only the worker that owns those rows may call this.
     #[inline]
-    fn set(&self, i: usize, r: usize, v: f32) {
-        assert!(i < self.n && r < self.rows);
-        // SAFETY: in bounds (checked above); no other worker writes column r (see `for_each_chunk`).
-        unsafe { *self.ptr.add(i * self.rows + r) = v }
+    fn set(&self, i: usize, r: usize, values: &[f32]) {
+        assert!(i < self.n && r + values.len() <= self.rows);
+        // SAFETY: in bounds (checked above); no other worker writes these columns (see `for_each_chunk`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr(),
+                self.ptr.add(i * self.rows + r),
+                values.len(),
+            )
+        }
     }
 }
 
@@ -67,10 +73,10 @@ pub fn set_host_threads(threads: usize, spawn: HostSpawn) -> bool {
 }
 
 /// Runs `f(r0, r1, sink)` over disjoint row ranges covering `0..rows`, in parallel where threads exist;
-/// `sink(i, r, value)` stores output `[i, r]` for rows in the worker's own range.
+/// `sink(i, r, values)` stores outputs `[i, r..r + values.len()]` for rows in the worker's own range.
 pub fn for_each_chunk<F>(out: OutMatrix<'_>, f: F)
 where
-    F: Fn(usize, usize, &dyn Fn(usize, usize, f32)) + Sync,
+    F: Fn(usize, usize, &dyn Fn(usize, usize, &[f32])) + Sync,
 {
     let rows = out.rows;
     let chunk_rows = rows
@@ -79,9 +85,12 @@ where
     let chunks = rows.div_ceil(chunk_rows);
     let run = |c: usize| {
         let (r0, r1) = (c * chunk_rows, ((c + 1) * chunk_rows).min(rows));
-        f(r0, r1, &|i, r, v| {
-            assert!((r0..r1).contains(&r), "worker wrote outside its rows");
-            out.set(i, r, v)
+        f(r0, r1, &|i, r, values| {
+            assert!(
+                r0 <= r && r + values.len() <= r1,
+                "worker wrote outside its rows"
+            );
+            out.set(i, r, values)
         });
     };
     #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
@@ -288,8 +297,8 @@ mod tests {
                         let mut out = vec![0f32; 2 * rows];
                         for_each_chunk(OutMatrix::new(&mut out, 2, rows), |r0, r1, sink| {
                             for r in r0..r1 {
-                                sink(0, r, r as f32);
-                                sink(1, r, (caller * round) as f32);
+                                sink(0, r, &[r as f32]);
+                                sink(1, r, &[(caller * round) as f32]);
                             }
                         });
                         assert!((0..rows).all(|r| out[r] == r as f32));

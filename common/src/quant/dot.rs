@@ -134,7 +134,7 @@ pub fn matmul(
             for r in r0..r1 {
                 super::dequantize_row(ty, weight_row(r), &mut wrow);
                 for i in 0..n {
-                    sink(i, r, dot_f32(&x[i * k..(i + 1) * k], &wrow));
+                    sink(i, r, &[dot_f32(&x[i * k..(i + 1) * k], &wrow)]);
                 }
             }
         });
@@ -150,17 +150,33 @@ pub fn matmul(
                 for t0 in (0..n).step_by(TILE) {
                     let t1 = (t0 + TILE).min(n);
                     for (t, v) in (t0..t1).zip(row.dot_tile(&act, t0..t1)) {
-                        sink(t, r, v);
+                        sink(t, r, &[v]);
                     }
                 }
             }
         });
     } else {
         let kernel = pick_kernel(ty);
+        let rows_kernel = pick_rows_kernel(ty);
         crate::parallel::for_each_chunk(out, |r0, r1, sink| {
-            for r in r0..r1 {
+            // Runs of rows, each a few kB of weights that stay in cache for every token.
+            const RUN: usize = 32;
+            let mut values = [0f32; RUN];
+            for r in (r0..r1).step_by(RUN) {
+                let m = (r1 - r).min(RUN);
+                let run = &w[r * row_bytes..(r + m) * row_bytes];
                 for i in 0..n {
-                    sink(i, r, kernel(weight_row(r), act.row(i)));
+                    match rows_kernel {
+                        Some(rows_kernel) => {
+                            rows_kernel(run, row_bytes, act.row(i), &mut values[..m])
+                        }
+                        None => {
+                            for (v, row) in values.iter_mut().zip(run.chunks_exact(row_bytes)) {
+                                *v = kernel(row, act.row(i));
+                            }
+                        }
+                    }
+                    sink(i, r, &values[..m]);
                 }
             }
         });
@@ -199,6 +215,20 @@ pub fn matmul_scalar(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], o
 }
 
 type DotFn = fn(&[u8], ActRow<'_>) -> f32;
+
+/// Dot products of consecutive weight rows (`w`, rows of `row_bytes`) with one activation row, into `out`.
+pub(super) type RowsFn = fn(&[u8], usize, ActRow<'_>, &mut [f32]);
+
+/// A kernel over runs of rows, where the per-row kernel's call costs enough to matter (WebAssembly).
+fn pick_rows_kernel(ty: GgmlType) -> Option<RowsFn> {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return super::wasm::rows_kernel(ty);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    {
+        let _ = ty;
+        None
+    }
+}
 
 fn pick_kernel(ty: GgmlType) -> DotFn {
     #[cfg(target_arch = "x86_64")]

@@ -10,7 +10,7 @@
 use std::arch::wasm32::*;
 
 use super::GgmlType;
-use super::dot::ActRow;
+use super::dot::{ActRow, RowsFn};
 use super::wasm_blocks32 as blocks32;
 use super::wasm_kquants as kquants;
 
@@ -27,6 +27,26 @@ pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
         GgmlType::Q6K => kquants::q6k,
         _ => return None,
     })
+}
+
+/// The simd128 kernel for `ty` over runs of rows: the per-row kernel inlined in the loop, so a row costs no call.
+pub(super) fn rows_kernel(ty: GgmlType) -> Option<RowsFn> {
+    Some(match ty {
+        GgmlType::Q4_0 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q4_0>),
+        GgmlType::Q4_1 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q4_1>),
+        GgmlType::Q5_0 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q5_0>),
+        GgmlType::Q8_0 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q8_0>),
+        GgmlType::Q4K => |w, n, a, out| each_row(w, n, a, out, kquants::q4k),
+        GgmlType::Q6K => |w, n, a, out| each_row(w, n, a, out, kquants::q6k),
+        _ => return None,
+    })
+}
+
+#[inline(always)]
+fn each_row(w: &[u8], row_bytes: usize, a: ActRow<'_>, out: &mut [f32], dot: DotFn) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+        *o = dot(row, a);
+    }
 }
 
 /// 16 bytes at `b[at..]` (bounds-checked).

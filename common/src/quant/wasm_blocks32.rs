@@ -125,6 +125,7 @@ impl Block32 for Q8_0 {
 }
 
 /// Σ w·a over one row of `B` blocks.
+#[inline(always)]
 pub(super) fn dot<B: Block32>(w: &[u8], a: ActRow<'_>) -> f32 {
     let blocks = w.len() / B::BYTES;
     let block = |b: usize| &w[b * B::BYTES..(b + 1) * B::BYTES];

@@ -55,6 +55,7 @@ fn q4k_scales(s: &[u8]) -> [v128; 4] {
     ]
 }
 
+#[inline(always)]
 pub(super) fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
     let (mut acc, mut mins) = (f32x4_splat(0.0), f32x4_splat(0.0));
     for (sb, blk) in w.chunks_exact(144).enumerate() {
@@ -133,6 +134,7 @@ fn q6k_sub<const S: usize>(blk: &[u8], q: &[i8; 256]) -> v128 {
     dot16_q6(v128_or(lo, i8x16_shl(hb, 4)), a)
 }
 
+#[inline(always)]
 pub(super) fn q6k(w: &[u8], a: ActRow<'_>) -> f32 {
     let mut acc = f32x4_splat(0.0);
     for (sb, blk) in w.chunks_exact(210).enumerate() {
