@@ -50,16 +50,16 @@ impl Act32 {
         i32x4_add(p0, p1)
     }
 
-    /// As [`Act32::dot`] for weights in 0..128: relaxed SIMD's 8-bit dot product where the build has it (its
-    /// result is only implementation-defined for weights ≥ 128, which these never are).
+    /// As [`Act32::dot`] for weights in 0..64 (4- and 5-bit): where the build has relaxed SIMD, its 8-bit dot
+    /// product into i16 pairs (`pmaddubsw` on x86; exact: |a| ≤ 127, so four products stay under 2^15), the two
+    /// halves added in i16 and widened once.
     #[inline(always)]
-    pub(super) fn dot_u7(&self, w0: v128, w1: v128) -> v128 {
+    pub(super) fn dot_u6(&self, w0: v128, w1: v128) -> v128 {
         #[cfg(target_feature = "relaxed-simd")]
-        return i32x4_relaxed_dot_i8x16_i7x16_add(
-            self.a1,
-            w1,
-            i32x4_relaxed_dot_i8x16_i7x16_add(self.a0, w0, i32x4_splat(0)),
-        );
+        return i32x4_extadd_pairwise_i16x8(i16x8_add(
+            i16x8_relaxed_dot_i8x16_i7x16(self.a0, w0),
+            i16x8_relaxed_dot_i8x16_i7x16(self.a1, w1),
+        ));
         #[cfg(not(target_feature = "relaxed-simd"))]
         self.dot(w0, w1)
     }
@@ -91,7 +91,7 @@ impl Block32 for Q4_0 {
     #[inline(always)]
     fn dot(blk: &[u8], a: &Act32) -> v128 {
         let (lo, hi) = nibbles(load16(blk, 2));
-        a.dot_u7(lo, hi)
+        a.dot_u6(lo, hi)
     }
 }
 
@@ -101,7 +101,7 @@ impl Block32 for Q4_1 {
     #[inline(always)]
     fn dot(blk: &[u8], a: &Act32) -> v128 {
         let (lo, hi) = nibbles(load16(blk, 4));
-        a.dot_u7(lo, hi)
+        a.dot_u6(lo, hi)
     }
 }
 
@@ -112,7 +112,7 @@ impl Block32 for Q5_0 {
     fn dot(blk: &[u8], a: &Act32) -> v128 {
         let (h0, h1) = fifth_bits(u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]));
         let (lo, hi) = nibbles(load16(blk, 6));
-        a.dot_u7(v128_or(lo, h0), v128_or(hi, h1))
+        a.dot_u6(v128_or(lo, h0), v128_or(hi, h1))
     }
 }
 

@@ -66,8 +66,8 @@ pub(super) fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
             let (lo0, hi0) = nibbles(load16(blk, 16 + 32 * j));
             let (lo1, hi1) = nibbles(load16(blk, 32 + 32 * j));
             (
-                Act32::load(act_block(q, 2 * j)).dot_u7(lo0, lo1),
-                Act32::load(act_block(q, 2 * j + 1)).dot_u7(hi0, hi1),
+                Act32::load(act_block(q, 2 * j)).dot_u6(lo0, lo1),
+                Act32::load(act_block(q, 2 * j + 1)).dot_u6(hi0, hi1),
             )
         };
         let (p0, p1) = pair(0);
@@ -99,11 +99,13 @@ pub(super) fn q4k(w: &[u8], a: ActRow<'_>) -> f32 {
 /// Σ (q − 32)·a over 16 elements for 6-bit weights `q` in 0..64.
 #[inline(always)]
 fn dot16_q6(q: v128, a: v128) -> v128 {
+    // Relaxed SIMD: 8-bit dot products into i16 pairs, exact (|a| ≤ 127: |pair| ≤ 2·63·127 and the difference of
+    // two stays under 2^15), widened once.
     #[cfg(target_feature = "relaxed-simd")]
-    return i32x4_sub(
-        i32x4_relaxed_dot_i8x16_i7x16_add(a, q, i32x4_splat(0)),
-        i32x4_relaxed_dot_i8x16_i7x16_add(a, i8x16_splat(32), i32x4_splat(0)),
-    );
+    return i32x4_extadd_pairwise_i16x8(i16x8_sub(
+        i16x8_relaxed_dot_i8x16_i7x16(a, q),
+        i16x8_relaxed_dot_i8x16_i7x16(a, i8x16_splat(32)),
+    ));
     #[cfg(not(target_feature = "relaxed-simd"))]
     {
         let w = i8x16_sub(q, i8x16_splat(32));
