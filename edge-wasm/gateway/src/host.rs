@@ -62,7 +62,8 @@ impl Runtime {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.wasm_component_model(true);
-        if std::env::var("TANDEM_WASM_PERFMAP").is_ok() {
+        // For `perf`: a map from the compiled code's addresses to the component's function names.
+        if std::env::var_os("TANDEM_WASM_PERFMAP").is_some() {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let engine = Engine::new(&config)?;
