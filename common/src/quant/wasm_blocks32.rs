@@ -194,25 +194,23 @@ fn step<B: Block32>(blk: [&[u8]; 4], act: [&[i8; 32]; 4], ad: v128, sums: v128) 
     if B::OFFSET != 0 {
         s = i32x4_sub(s, i32x4_mul(sums, i32x4_splat(B::OFFSET)));
     }
-    let mut t = f32x4_mul(f32x4_mul(f16x4(&blk, 0), ad), f32x4_convert_i32x4(s));
+    // Each block's first four bytes: its f16 scale, then (Q4_1) its f16 minimum; one load per block for both.
+    let head = |j: usize| u32::from_le_bytes(blk[j][..4].try_into().expect("block head"));
+    let heads = u32x4(head(0), head(1), head(2), head(3));
+    let d = f16_to_f32(heads);
+    let mut t = f32x4_mul(f32x4_mul(d, ad), f32x4_convert_i32x4(s));
     if B::MIN {
-        let m = f32x4_mul(f16x4(&blk, 2), ad);
+        let m = f32x4_mul(f16_to_f32(u32x4_shr(heads, 16)), ad);
         t = f32x4_add(t, f32x4_mul(m, f32x4_convert_i32x4(sums)));
     }
     t
 }
 
-/// The f16 at byte `at` of each block, as f32 lanes. Exact for every finite f16 (normal or subnormal): its
-/// exponent and mantissa bits, moved to f32's positions, read as an f32 that is 2^-112 times the value. Infinities
-/// and NaNs (which no valid GGUF scale is) come out as large finite numbers.
+/// The f16s in the low 16 bits of each 32-bit lane (the high bits are ignored) as f32 lanes. Exact for every finite f16 (normal or
+/// subnormal): its exponent and mantissa bits, moved to f32's positions, read as an f32 that is 2^-112 times the
+/// value. Infinities and NaNs (which no valid GGUF scale is) come out as large finite numbers.
 #[inline(always)]
-fn f16x4(blocks: &[&[u8]; 4], at: usize) -> v128 {
-    let h = |j: usize| {
-        u32::from(u16::from_le_bytes(
-            blocks[j][at..at + 2].try_into().expect("f16"),
-        ))
-    };
-    let bits = u32x4(h(0), h(1), h(2), h(3));
+fn f16_to_f32(bits: v128) -> v128 {
     let magnitude = i32x4_shl(v128_and(bits, u32x4_splat(0x7fff)), 13);
     let value = f32x4_mul(magnitude, f32x4_splat(f32::from_bits((127 + 112) << 23)));
     v128_or(value, i32x4_shl(v128_and(bits, u32x4_splat(0x8000)), 16))
