@@ -5,6 +5,8 @@
 //! `o = Σ α_i·o_i` with `α_i = exp(lse_i − lse)` and `lse = log Σ exp(lse_i)`, which equals attention over the
 //! concatenated keys. Neither segment is copied into the other.
 
+mod matmul;
+
 use burn::tensor::Tensor;
 
 /// One segment's attention: output and log-sum-exp per query row.
@@ -18,14 +20,14 @@ pub struct Partial {
 /// Attention of `q: [heads, rows, d]` (already scaled by `1/√d`) over `k, v: [heads, keys, d]`.
 /// `mask`, if given, is added to the scores (`[rows, keys]`, 0 or −∞); every row must see at least one key.
 pub fn attend(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, mask: Option<Tensor<2>>) -> Partial {
-    let mut scores = q.matmul(k.swap_dims(1, 2));
+    let mut scores = matmul::matmul_nt(q, k);
     if let Some(m) = mask {
         scores = scores + m.unsqueeze_dim(0);
     }
     let max = scores.clone().max_dim(2);
     let e = (scores - max.clone()).exp();
     let sum = e.clone().sum_dim(2);
-    let out = e.matmul(v) / sum.clone();
+    let out = matmul::matmul_nn(e, v) / sum.clone();
     Partial {
         out,
         lse: max + sum.log(),

@@ -185,7 +185,7 @@ pub fn matmul(
 
 /// f32 dot product in 16 independent lanes: a single running sum would serialise every add (and cannot be
 /// vectorised without reordering, which only explicit lanes allow).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));

@@ -17,6 +17,8 @@ mod wasm_kquants;
 mod x86;
 
 pub use dequant::dequantize_row;
+#[cfg(target_arch = "wasm32")]
+pub(crate) use dot::dot_f32;
 pub use dot::{Precision, Q8Act, QK8, matmul, matmul_scalar};
 
 /// The GGML tensor types this project knows, by their GGUF type id.

@@ -11,7 +11,10 @@ use super::wasm::{fifth_bits, hsum, load_f32x4, load_i32x4, load16, nibbles, sum
 
 /// One activation block of 32 signed bytes, as loaded (halves 0..16, 16..32) and widened to i16.
 pub(super) struct Act32 {
+    // Read only by relaxed SIMD's 8-bit dot products.
+    #[cfg_attr(not(target_feature = "relaxed-simd"), allow(dead_code))]
     a0: v128,
+    #[cfg_attr(not(target_feature = "relaxed-simd"), allow(dead_code))]
     a1: v128,
     wide: [v128; 4],
 }
