@@ -133,6 +133,34 @@ mod tests {
     }
 
     /// Non-contiguous inputs (views made by swapping axes) give the same result as contiguous copies.
+    /// At the models' head size, with a key count that is not a multiple of four (WebAssembly's mat-muls take keys
+    /// four at a time and head dimensions 16 at a time; natively this checks burn's).
+    #[test]
+    fn model_sized_heads_match_naive() {
+        let dev = Device::flex();
+        let (h, r, s, d) = (2, 7, 37, 64);
+        let (q, k, v) = (
+            values(h * r * d, 1),
+            values(h * s * d, 2),
+            values(h * s * d, 3),
+        );
+        let got = attend(
+            tensor(&q, [h, r, d], &dev).mul_scalar(0.125),
+            tensor(&k, [h, s, d], &dev),
+            tensor(&v, [h, s, d], &dev),
+            None,
+        )
+        .out
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+        let q: Vec<f32> = q.iter().map(|x| x * 0.125).collect();
+        let want = naive(&q, &k, &v, h, r, s, d);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
     #[test]
     fn strided_inputs_match_naive() {
         let dev = Device::flex();
