@@ -170,11 +170,7 @@ pub fn matmul(
                         Some(rows_kernel) => {
                             rows_kernel(run, row_bytes, act.row(i), &mut values[..m])
                         }
-                        None => {
-                            for (v, row) in values.iter_mut().zip(run.chunks_exact(row_bytes)) {
-                                *v = kernel(row, act.row(i));
-                            }
-                        }
+                        None => each_row(run, row_bytes, act.row(i), &mut values[..m], kernel),
                     }
                     sink(i, r, &values[..m]);
                 }
@@ -214,10 +210,18 @@ pub fn matmul_scalar(ty: GgmlType, w: &[u8], rows: usize, k: usize, x: &[f32], o
     }
 }
 
-type DotFn = fn(&[u8], ActRow<'_>) -> f32;
+pub(super) type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 
 /// Dot products of consecutive weight rows (`w`, rows of `row_bytes`) with one activation row, into `out`.
 pub(super) type RowsFn = fn(&[u8], usize, ActRow<'_>, &mut [f32]);
+
+/// `out[r] = dot(row r of w, a)` for consecutive rows of `row_bytes` (inlined, so a constant `dot` is too).
+#[inline(always)]
+pub(super) fn each_row(w: &[u8], row_bytes: usize, a: ActRow<'_>, out: &mut [f32], dot: DotFn) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+        *o = dot(row, a);
+    }
+}
 
 /// A kernel over runs of rows, where the per-row kernel's call costs enough to matter (WebAssembly).
 fn pick_rows_kernel(ty: GgmlType) -> Option<RowsFn> {

@@ -10,11 +10,9 @@
 use std::arch::wasm32::*;
 
 use super::GgmlType;
-use super::dot::{ActRow, RowsFn};
+use super::dot::{ActRow, DotFn, RowsFn, each_row};
 use super::wasm_blocks32 as blocks32;
 use super::wasm_kquants as kquants;
-
-type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 
 /// The simd128 kernel for `ty`.
 pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
@@ -40,13 +38,6 @@ pub(super) fn rows_kernel(ty: GgmlType) -> Option<RowsFn> {
         GgmlType::Q6K => |w, n, a, out| each_row(w, n, a, out, kquants::q6k),
         _ => return None,
     })
-}
-
-#[inline(always)]
-fn each_row(w: &[u8], row_bytes: usize, a: ActRow<'_>, out: &mut [f32], dot: DotFn) {
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-        *o = dot(row, a);
-    }
 }
 
 /// 16 bytes at `b[at..]` (bounds-checked).

@@ -7,7 +7,9 @@
 use std::arch::wasm32::*;
 
 use super::dot::ActRow;
-use super::wasm::{fifth_bits, hsum, load_f32x4, load_i32x4, load16, nibbles, sum_lanes};
+use super::wasm::{
+    fifth_bits, hsum, load_f32x4, load_i32x4, load16, load16_i8, nibbles, sum_lanes,
+};
 
 /// One activation block of 32 signed bytes, as loaded (halves 0..16, 16..32) and widened to i16.
 pub(super) struct Act32 {
@@ -22,11 +24,7 @@ pub(super) struct Act32 {
 impl Act32 {
     #[inline(always)]
     pub(super) fn load(q: &[i8; 32]) -> Self {
-        // SAFETY: 32 readable bytes; wasm loads need no alignment.
-        let (a0, a1) = unsafe {
-            let p = q.as_ptr() as *const v128;
-            (v128_load(p), v128_load(p.add(1)))
-        };
+        let (a0, a1) = (load16_i8(q, 0), load16_i8(q, 16));
         Act32 {
             a0,
             a1,

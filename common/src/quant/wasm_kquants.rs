@@ -6,7 +6,7 @@ use std::arch::wasm32::*;
 
 use super::dot::ActRow;
 use super::f16_at;
-use super::wasm::{hsum, load_f32x4, load_i32x4, load16, nibbles, sum_lanes};
+use super::wasm::{hsum, load_f32x4, load_i32x4, load16, load16_i8, nibbles, sum_lanes};
 use super::wasm_blocks32::Act32;
 
 /// The activations of super-block `sb`: 8 blocks of 32.
@@ -129,11 +129,7 @@ fn q6k_sub<const S: usize>(blk: &[u8], q: &[i8; 256]) -> v128 {
         u8x16_shr(ql, 4)
     };
     let hb = v128_and(u8x16_shr(qh, 2 * part as u32), u8x16_splat(0x03));
-    let at = 16 * S;
-    let a: &[i8; 16] = q[at..at + 16].try_into().expect("16 activations");
-    // SAFETY: 16 readable bytes; wasm loads need no alignment.
-    let a = unsafe { v128_load(a.as_ptr() as *const v128) };
-    dot16_q6(v128_or(lo, i8x16_shl(hb, 4)), a)
+    dot16_q6(v128_or(lo, i8x16_shl(hb, 4)), load16_i8(q, 16 * S))
 }
 
 #[inline(always)]

@@ -7,9 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::dot::ActRow;
-
-type DotFn = fn(&[u8], ActRow<'_>) -> f32;
+use super::dot::{ActRow, DotFn};
 
 /// The AVX2 kernel for `ty`, if this CPU has AVX2, FMA and F16C.
 pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
