@@ -56,16 +56,17 @@ fn wit_cloud(url: &str, id: &str) -> host::CloudContext {
 
 /// The component's answer, piece by piece, and its stats.
 fn component_answer(context: host::ContextSource) -> (Vec<String>, host::TurnStats) {
-    component_answer_to(QUESTION, context)
+    component_answer_to("smollm2", QUESTION, context)
 }
 
-/// The component's answer to `question`, piece by piece, and its stats.
+/// `model`'s answer to `question` in the component, piece by piece, and its stats.
 fn component_answer_to(
+    model: &str,
     question: &str,
     context: host::ContextSource,
 ) -> (Vec<String>, host::TurnStats) {
     let mut edge = runtime()
-        .instance("smollm2", Weights::Cache)
+        .instance(model, Weights::Cache)
         .unwrap_or_else(|e| panic!("instance: {e:#}"));
     let mut pieces = Vec::new();
     let question = [host::Message {
@@ -204,6 +205,26 @@ fn component_falls_back_to_local_prefill_when_the_cloud_is_unreachable() {
     );
 }
 
+/// Qwen2.5-0.5B in the component answers as natively: its Q5_0 weights are widened to Q8_0 when a wasm CPU
+/// engine loads them (`quant::repack`), and its Q4_K/Q6_K/Q8_0 ones run the simd128 kernels.
+#[test]
+fn component_runs_qwen_like_native() {
+    let (got, st) = component_answer_to(
+        "qwen-0.5b",
+        QUESTION,
+        host::ContextSource {
+            cloud: None,
+            text: Some(CONTEXT.into()),
+        },
+    );
+    assert_eq!(st.kv_source, "local");
+    assert_same_answer(
+        &got,
+        &native_steps("qwen-0.5b", CONTEXT, QUESTION, TOKENS as usize),
+        "qwen-0.5b component",
+    );
+}
+
 /// Weights that are not the pinned file are refused by the component with a message naming the model and hash.
 #[test]
 fn component_refuses_weights_with_the_wrong_hash() {
@@ -232,6 +253,7 @@ fn component_sends_no_user_data_to_the_cloud() {
     let relay = capture::relay(cloud.addr);
     let secret = "My bank password is hunter2, please remember Zanzibar";
     let (_, st) = component_answer_to(
+        "smollm2",
         secret,
         host::ContextSource {
             cloud: Some(wit_cloud(&format!("http://{}", relay.addr), &id)),

@@ -90,6 +90,20 @@ impl QMatrix {
         out
     }
 
+    /// The same matrix in the blocks this CPU's kernels would rather read ([`quant::repack`]), if they differ.
+    fn for_kernels(self) -> QMatrix {
+        match quant::repack::for_kernels(self.ty, self.bytes()) {
+            Some((ty, blocks)) => QMatrix {
+                ty,
+                offset: 0,
+                len: blocks.len(),
+                buf: Arc::new(blocks),
+                ..self
+            },
+            None => self,
+        }
+    }
+
     /// The whole matrix as f32 `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
         let ids: Vec<u32> = (0..self.rows as u32).collect();
@@ -123,9 +137,17 @@ pub struct Weight {
 
 impl Weight {
     pub fn new(q: QMatrix, device: &Device) -> Self {
-        let dense = (!has_quantized_kernels(device))
-            .then(|| Tensor::from_data(TensorData::new(q.dequantize(), [q.rows, q.cols]), device));
-        Weight { q, dense }
+        if has_quantized_kernels(device) {
+            return Weight {
+                q: q.for_kernels(),
+                dense: None,
+            };
+        }
+        let dense = Tensor::from_data(TensorData::new(q.dequantize(), [q.rows, q.cols]), device);
+        Weight {
+            q,
+            dense: Some(dense),
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 mod batched;
 mod dequant;
 mod dot;
+pub(crate) mod repack;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]

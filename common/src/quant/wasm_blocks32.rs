@@ -18,6 +18,8 @@ pub(super) struct Act32 {
     a0: v128,
     #[cfg_attr(not(target_feature = "relaxed-simd"), allow(dead_code))]
     a1: v128,
+    // Read only where the build has no relaxed SIMD.
+    #[cfg_attr(target_feature = "relaxed-simd", allow(dead_code))]
     wide: [v128; 4],
 }
 
@@ -38,6 +40,7 @@ impl Act32 {
     }
 
     /// Σ w·a in i32 lanes for signed weight bytes (halves `w0`, `w1`).
+    #[cfg_attr(target_feature = "relaxed-simd", allow(dead_code))]
     #[inline(always)]
     fn dot(&self, w0: v128, w1: v128) -> v128 {
         let p0 = i32x4_add(
@@ -49,6 +52,30 @@ impl Act32 {
             i32x4_dot_i16x8(i16x8_extend_high_i8x16(w1), self.wide[3]),
         );
         i32x4_add(p0, p1)
+    }
+
+    /// As [`Act32::dot`] for weights in -127..=127 (Q8_0): where the build has relaxed SIMD, the weights split into
+    /// their positive part and their negated negative part, each in 0..=127 as relaxed SIMD's 8-bit dot product
+    /// needs, and the two products subtracted in i16 (each pair of products is at most 2·127², and their difference
+    /// is a pair of w·a, so nothing saturates or wraps). Two products and a split cost less than widening both sides
+    /// to i16 (and `w < 0` as a mask would compile, through LLVM's `ashr`, to a five-instruction shift on x86).
+    /// A code of -128, which llama.cpp never writes, comes out as +128 where the dot product reads it as signed.
+    #[inline(always)]
+    fn dot_i8(&self, w0: v128, w1: v128) -> v128 {
+        #[cfg(target_feature = "relaxed-simd")]
+        {
+            let half = |a: v128, w: v128| {
+                let pos = i8x16_max(w, i8x16_splat(0));
+                let neg = i8x16_sub(pos, w);
+                i32x4_extadd_pairwise_i16x8(i16x8_sub(
+                    i16x8_relaxed_dot_i8x16_i7x16(a, pos),
+                    i16x8_relaxed_dot_i8x16_i7x16(a, neg),
+                ))
+            };
+            return i32x4_add(half(self.a0, w0), half(self.a1, w1));
+        }
+        #[cfg(not(target_feature = "relaxed-simd"))]
+        self.dot(w0, w1)
     }
 
     /// As [`Act32::dot`] for weights in 0..64 (4- and 5-bit): where the build has relaxed SIMD, its 8-bit dot
@@ -121,7 +148,7 @@ impl Block32 for Q8_0 {
     const BYTES: usize = 34;
     #[inline(always)]
     fn dot(blk: &[u8], a: &Act32) -> v128 {
-        a.dot(load16(blk, 2), load16(blk, 18))
+        a.dot_i8(load16(blk, 2), load16(blk, 18))
     }
 }
 
