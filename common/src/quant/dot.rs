@@ -15,14 +15,20 @@ const BATCH_MIN_TOKENS: usize = 4;
 /// Activation block length.
 pub const QK8: usize = 32;
 
-/// Rows of activations quantized to int8 in blocks of [`QK8`].
+/// Rows of activations quantized to int8 in blocks of [`QK8`]. Each row is padded with zero blocks (scale and sum 0)
+/// to a multiple of [`ROW_BLOCKS_ALIGN`] blocks, so kernels that take four blocks a step can end a row with a whole
+/// step: the padding adds exactly nothing.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Act {
     pub k: usize,
-    pub qs: Vec<i8>,
-    pub d: Vec<f32>,
-    pub sum: Vec<i32>,
+    rows: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
 }
+
+/// Blocks a [`Q8Act`] row is padded to a multiple of.
+pub const ROW_BLOCKS_ALIGN: usize = 4;
 
 impl Q8Act {
     /// Quantizes `x` (`rows × k`, row-major; `k` a multiple of 32).
@@ -33,14 +39,18 @@ impl Q8Act {
             x.len(),
             k
         );
-        let blocks = x.len() / QK8;
+        let rows = x.len().checked_div(k).unwrap_or(0);
+        let stride = Self::row_blocks(k);
         let mut a = Q8Act {
             k,
-            qs: vec![0; x.len()],
-            d: vec![0.0; blocks],
-            sum: vec![0; blocks],
+            rows,
+            qs: vec![0; rows * stride * QK8],
+            d: vec![0.0; rows * stride],
+            sum: vec![0; rows * stride],
         };
         for (b, xs) in x.chunks_exact(QK8).enumerate() {
+            let (row, col) = (b / (k / QK8), b % (k / QK8));
+            let at = row * stride + col;
             // Comparisons, not `f32::max`: in WebAssembly that is a call to `fmaxf` (NaN rules differ).
             let amax = xs
                 .iter()
@@ -48,25 +58,30 @@ impl Q8Act {
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut s = 0i32;
-            for (q, &v) in a.qs[b * QK8..(b + 1) * QK8].iter_mut().zip(xs) {
+            for (q, &v) in a.qs[at * QK8..(at + 1) * QK8].iter_mut().zip(xs) {
                 *q = round_half_away(v * id) as i8;
                 s += *q as i32;
             }
-            a.d[b] = d;
-            a.sum[b] = s;
+            a.d[at] = d;
+            a.sum[at] = s;
         }
         a
     }
 
-    pub fn rows(&self) -> usize {
-        self.qs.len().checked_div(self.k).unwrap_or(0)
+    /// Blocks per row, padding included.
+    fn row_blocks(k: usize) -> usize {
+        (k / QK8).next_multiple_of(ROW_BLOCKS_ALIGN)
     }
 
-    /// One row's blocks.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// One row's blocks, padding included.
     pub fn row(&self, n: usize) -> ActRow<'_> {
-        let nb = self.k / QK8;
+        let nb = Self::row_blocks(self.k);
         ActRow {
-            qs: &self.qs[n * self.k..(n + 1) * self.k],
+            qs: &self.qs[n * nb * QK8..(n + 1) * nb * QK8],
             d: &self.d[n * nb..(n + 1) * nb],
             sum: &self.sum[n * nb..(n + 1) * nb],
         }

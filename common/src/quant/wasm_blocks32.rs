@@ -164,49 +164,33 @@ pub(super) fn dot<B: Block32>(w: &[u8], a: ActRow<'_>) -> f32 {
         let (b0, rest) = four.split_at(B::BYTES);
         let (b1, rest) = rest.split_at(B::BYTES);
         let (b2, b3) = rest.split_at(B::BYTES);
-        let (ad, sums) = (load_f32x4(&a.d[b..b + 4]), load_i32x4(&a.sum[b..b + 4]));
-        let q: &[i8; 128] = a.qs[32 * b..32 * b + 128].try_into().expect("four blocks");
-        let (q0, rest) = q.split_first_chunk::<32>().expect("block");
-        let (q1, rest) = rest.split_first_chunk::<32>().expect("block");
-        let (q2, q3) = rest.split_first_chunk::<32>().expect("block");
-        let q3: &[i8; 32] = q3.try_into().expect("block");
-        acc = f32x4_add(acc, step::<B>([b0, b1, b2, b3], [q0, q1, q2, q3], ad, sums));
+        let (q, ad, sums) = four_act_blocks(a, b);
+        acc = f32x4_add(acc, step::<B>([b0, b1, b2, b3], q, ad, sums));
         b += 4;
     }
-    let left = blocks - b;
-    if left > 0 {
-        // The last one to three blocks as a step of four: lanes past the row repeat its last block, and their
-        // activation scale and sum are zero, so they add exactly nothing.
-        let lane = |j: usize| j.min(left - 1);
-        let live = |j: usize| j < left;
-        let ad = f32x4(
-            a.d[b],
-            if live(1) { a.d[b + 1] } else { 0.0 },
-            if live(2) { a.d[b + 2] } else { 0.0 },
-            0.0,
-        );
-        let sums = i32x4(
-            a.sum[b],
-            if live(1) { a.sum[b + 1] } else { 0 },
-            if live(2) { a.sum[b + 2] } else { 0 },
-            0,
-        );
-        let act = |j: usize| -> &[i8; 32] {
-            let at = 32 * (b + lane(j));
-            a.qs[at..at + 32].try_into().expect("block")
-        };
-        let blk = [
-            block(b),
-            block(b + lane(1)),
-            block(b + lane(2)),
-            block(b + lane(3)),
-        ];
+    if b < blocks {
+        // The last one to three blocks as a step of four: the activation row's padding gives the missing lanes
+        // zero codes, scales and sums, and their weight lanes repeat the row's last block, so they add nothing.
+        let lane = |j: usize| block((b + j).min(blocks - 1));
+        let (q, ad, sums) = four_act_blocks(a, b);
         acc = f32x4_add(
             acc,
-            step::<B>(blk, [act(0), act(1), act(2), act(3)], ad, sums),
+            step::<B>([lane(0), lane(1), lane(2), lane(3)], q, ad, sums),
         );
     }
     hsum(acc)
+}
+
+/// Activation blocks `b..b + 4` (into the row's padding at its end), their scales and their sums.
+#[inline(always)]
+fn four_act_blocks(a: ActRow<'_>, b: usize) -> ([&[i8; 32]; 4], v128, v128) {
+    let q: &[i8; 128] = a.qs[32 * b..32 * b + 128].try_into().expect("padded row");
+    let (q0, rest) = q.split_first_chunk::<32>().expect("block");
+    let (q1, rest) = rest.split_first_chunk::<32>().expect("block");
+    let (q2, q3) = rest.split_first_chunk::<32>().expect("block");
+    let q3: &[i8; 32] = q3.try_into().expect("block");
+    let (ad, sums) = (load_f32x4(&a.d[b..b + 4]), load_i32x4(&a.sum[b..b + 4]));
+    ([q0, q1, q2, q3], ad, sums)
 }
 
 /// Four blocks' Σ w·a, lane j for weight block `blk[j]` and activation block `act[j]`, whose scale and sum are lane
