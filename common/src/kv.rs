@@ -147,20 +147,61 @@ pub struct Blend {
 /// A layer's shared context as attention reads it: the context's KV (if any), and a blended second reading.
 pub type LayerContext = (Option<DeviceKv>, Option<Blend>);
 
-/// One layer's KV on a device: `k, v: [kv_heads, tokens, head_dim]`.
+/// One layer's KV on a device: keys and values `[kv_heads, tokens, head_dim]`, in buffers with room for more tokens
+/// (capacity doubles), so appending a decoded token writes one row in place instead of copying every earlier one
+/// (a copy per layer per token that grew with the session). [`DeviceKv::k`] and [`DeviceKv::v`] are views of the
+/// tokens held.
 #[derive(Clone, Debug)]
 pub struct DeviceKv {
-    pub k: Tensor<3>,
-    pub v: Tensor<3>,
+    /// `[kv_heads, capacity, head_dim]`; tokens `len..` are unused.
+    k: Tensor<3>,
+    v: Tensor<3>,
+    len: usize,
 }
 
+/// Fewest tokens a growing buffer makes room for.
+const MIN_CAPACITY: usize = 64;
+
 impl DeviceKv {
+    /// The KV `k, v: [kv_heads, tokens, head_dim]`, with no spare room.
+    pub fn new(k: Tensor<3>, v: Tensor<3>) -> Self {
+        assert_eq!(k.dims(), v.dims(), "keys and values differ in shape");
+        let len = k.dims()[1];
+        DeviceKv { k, v, len }
+    }
+
+    /// No tokens yet.
+    pub fn empty(kv_heads: usize, head_dim: usize, device: &Device) -> Self {
+        let none = Tensor::<3>::zeros([kv_heads, 0, head_dim], device);
+        DeviceKv::new(none.clone(), none)
+    }
+
     pub fn len(&self) -> usize {
-        self.k.dims()[1]
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// The keys `[kv_heads, len, head_dim]` (a view: the buffer is not copied).
+    pub fn k(&self) -> Tensor<3> {
+        self.held(&self.k)
+    }
+
+    /// The values `[kv_heads, len, head_dim]` (a view).
+    pub fn v(&self) -> Tensor<3> {
+        self.held(&self.v)
+    }
+
+    fn held(&self, buf: &Tensor<3>) -> Tensor<3> {
+        let [h, cap, d] = buf.dims();
+        match self.len {
+            n if n == cap => buf.clone(),
+            // burn cannot narrow to nothing
+            0 => Tensor::zeros([h, 0, d], &buf.device()),
+            n => buf.clone().narrow(1, 0, n),
+        }
     }
 
     pub fn upload(
@@ -171,47 +212,92 @@ impl DeviceKv {
         device: &Device,
     ) -> Self {
         let shape = [kv_heads, tokens, head_dim];
-        DeviceKv {
-            k: Tensor::from_data(TensorData::new(l.k.clone(), shape), device),
-            v: Tensor::from_data(TensorData::new(l.v.clone(), shape), device),
-        }
+        DeviceKv::new(
+            Tensor::from_data(TensorData::new(l.k.clone(), shape), device),
+            Tensor::from_data(TensorData::new(l.v.clone(), shape), device),
+        )
     }
 
     pub fn download(&self) -> LayerKv {
-        let read = |t: &Tensor<3>| {
+        let read = |t: Tensor<3>| {
             t.to_data()
                 .try_into_vec::<f32>()
                 .expect("KV tensors are f32")
         };
         LayerKv {
-            k: read(&self.k),
-            v: read(&self.v),
+            k: read(self.k()),
+            v: read(self.v()),
         }
     }
 
-    /// Keeps the first `len` tokens (burn cannot narrow to nothing, so zero gives empty tensors).
+    /// Keeps the first `len` tokens (the buffers keep their room).
     pub fn truncate(&mut self, len: usize) {
-        if len >= self.len() {
-            return;
-        }
-        let keep = |t: &Tensor<3>| match len {
-            0 => {
-                let [h, _, d] = t.dims();
-                Tensor::zeros([h, 0, d], &t.device())
-            }
-            n => t.clone().narrow(1, 0, n),
-        };
-        (self.k, self.v) = (keep(&self.k), keep(&self.v));
+        self.len = self.len.min(len);
     }
 
-    /// Appends new keys and values along the token axis.
+    /// Appends new keys and values `[kv_heads, tokens, head_dim]` along the token axis: in place where this is the
+    /// buffers' only holder (views taken earlier must be dropped by then), else into a copy.
     pub fn append(&mut self, k: Tensor<3>, v: Tensor<3>) {
-        if self.is_empty() {
-            self.k = k;
-            self.v = v;
-        } else {
-            self.k = Tensor::cat(vec![self.k.clone(), k], 1);
-            self.v = Tensor::cat(vec![self.v.clone(), v], 1);
+        let [h, t, d] = k.dims();
+        let (start, end) = (self.len, self.len + t);
+        if end > self.k.dims()[1] {
+            let cap = end.next_power_of_two().max(MIN_CAPACITY);
+            let grow = |held: Tensor<3>| {
+                let spare = Tensor::zeros([h, cap - start, d], &held.device());
+                Tensor::cat(vec![held, spare], 1)
+            };
+            (self.k, self.v) = (grow(self.k()), grow(self.v()));
         }
+        let rows = [0..h, start..end, 0..d];
+        // `inplace` moves the buffer out (a clone would be a second holder, and the write would copy it).
+        self.k.inplace(|buf| buf.slice_assign(rows.clone(), k));
+        self.v.inplace(|buf| buf.slice_assign(rows, v));
+        self.len = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(from: usize, n: usize, dev: &Device) -> Tensor<3> {
+        let v: Vec<f32> = (0..2 * n * 3).map(|i| (from * 100 + i) as f32).collect();
+        Tensor::from_data(TensorData::new(v, [2, n, 3]), dev)
+    }
+
+    fn read(t: Tensor<3>) -> Vec<f32> {
+        t.to_data().try_into_vec::<f32>().unwrap()
+    }
+
+    /// Appends past the buffers' room, truncation and appends after it keep exactly the tokens `cat` would, and a
+    /// clone taken before an append does not see it (the shared buffer is copied, not written).
+    #[test]
+    fn growing_buffers_hold_what_cat_would() {
+        let dev = Device::flex();
+        let mut kv = DeviceKv::empty(2, 3, &dev);
+        let mut want = tokens(0, 5, &dev);
+        kv.append(tokens(0, 5, &dev), tokens(0, 5, &dev));
+        let before = kv.clone();
+        for step in 1..=70 {
+            kv.append(tokens(step, 1, &dev), tokens(step, 1, &dev).neg());
+            want = Tensor::cat(vec![want, tokens(step, 1, &dev)], 1);
+        }
+        assert_eq!(kv.len(), 75);
+        assert_eq!(read(kv.k()), read(want.clone()));
+        assert_eq!(
+            read(kv.v().narrow(1, 5, 70)),
+            read(want.clone().narrow(1, 5, 70).neg())
+        );
+        assert_eq!(
+            (before.len(), read(before.k())),
+            (5, read(tokens(0, 5, &dev)))
+        );
+
+        kv.truncate(3);
+        kv.append(tokens(9, 2, &dev), tokens(9, 2, &dev));
+        let want = Tensor::cat(vec![want.narrow(1, 0, 3), tokens(9, 2, &dev)], 1);
+        assert_eq!((kv.len(), read(kv.k())), (5, read(want)));
+        kv.truncate(0);
+        assert!(kv.is_empty() && kv.k().dims() == [2, 0, 3]);
     }
 }

@@ -24,16 +24,15 @@ pub trait AttentionOps: Backend {
 impl AttentionOps for burn::backend::Flex {
     #[cfg(target_arch = "wasm32")]
     fn matmul_nt(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (a, [h, m, d]) = contiguous(a);
-        let (b, [hb, n, db]) = contiguous(b);
+        let (x, [h, m, d]) = Heads::of(a);
+        let (y, [hb, n, db]) = Heads::of(b);
         assert!(
             h == hb && d == db,
             "matmul_nt: [{h}, {m}, {d}] · [{hb}, {n}, {db}]ᵀ"
         );
-        let (x, y) = (slice(&a), slice(&b));
         let mut out = vec![0f32; h * m * n];
         for (head, out) in out.chunks_exact_mut(m * n).enumerate() {
-            let (x, y) = (&x[head * m * d..][..m * d], &y[head * n * d..][..n * d]);
+            let (x, y) = (x.head(head, m * d), y.head(head, n * d));
             for (row, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(n)) {
                 for (o, key) in out.iter_mut().zip(y.chunks_exact(d)) {
                     *o = crate::quant::dot_f32(row, key);
@@ -45,16 +44,15 @@ impl AttentionOps for burn::backend::Flex {
 
     #[cfg(target_arch = "wasm32")]
     fn matmul_nn(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (a, [h, m, n]) = contiguous(a);
-        let (b, [hb, nb, d]) = contiguous(b);
+        let (x, [h, m, n]) = Heads::of(a);
+        let (y, [hb, nb, d]) = Heads::of(b);
         assert!(
             h == hb && n == nb,
             "matmul_nn: [{h}, {m}, {n}] · [{hb}, {nb}, {d}]"
         );
-        let (x, y) = (slice(&a), slice(&b));
         let mut out = vec![0f32; h * m * d];
         for (head, out) in out.chunks_exact_mut(m * d).enumerate() {
-            let (x, y) = (&x[head * m * n..][..m * n], &y[head * n * d..][..n * d]);
+            let (x, y) = (x.head(head, m * n), y.head(head, n * d));
             for (weights, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(d)) {
                 for (&w, value) in weights.iter().zip(y.chunks_exact(d)) {
                     for (o, v) in out.iter_mut().zip(value) {
@@ -73,22 +71,39 @@ impl AttentionOps for burn::backend::Cube {}
 #[cfg(all(feature = "flex", target_arch = "wasm32"))]
 type FlexTensor = burn::backend::flex::FlexTensor;
 
+/// A `[h, rows, cols]` tensor read head by head: each head's rows contiguous, heads `stride` apart from `offset` in
+/// the buffer. KV buffers' views (`DeviceKv::k`, a prefix of a longer buffer) are read in place; other layouts are
+/// made contiguous first.
 #[cfg(all(feature = "flex", target_arch = "wasm32"))]
-fn contiguous(t: FlexTensor) -> (FlexTensor, [usize; 3]) {
-    let t = if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    };
-    let s = t.layout().shape();
-    let dims = [s[0], s[1], s[2]];
-    (t, dims)
+struct Heads {
+    t: FlexTensor,
+    offset: usize,
+    stride: usize,
 }
 
 #[cfg(all(feature = "flex", target_arch = "wasm32"))]
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("attention: contiguous f32 tensors")
+impl Heads {
+    fn of(t: FlexTensor) -> (Self, [usize; 3]) {
+        let s = t.layout().shape();
+        let dims = [s[0], s[1], s[2]];
+        let st = t.layout().strides();
+        let rows_contiguous = st[2] == 1 && st[1] == dims[2] as isize && st[0] >= 0;
+        let t = if rows_contiguous {
+            t
+        } else {
+            t.to_contiguous()
+        };
+        let (offset, stride) = (t.layout().start_offset(), t.layout().strides()[0] as usize);
+        (Heads { t, offset, stride }, dims)
+    }
+
+    /// Head `i`'s `len` values.
+    fn head(&self, i: usize, len: usize) -> &[f32] {
+        if len == 0 {
+            return &[];
+        }
+        &self.t.storage::<f32>()[self.offset + i * self.stride..][..len]
+    }
 }
 
 #[cfg(all(feature = "flex", target_arch = "wasm32"))]

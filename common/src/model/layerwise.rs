@@ -53,11 +53,7 @@ impl<'m> LayerwisePrefill<'m> {
         let m = self.model;
         let c = m.config();
         let block = m.blocks.get(self.done)?;
-        let empty = Tensor::<3>::zeros([c.n_kv_heads, 0, c.head_dim], m.device());
-        let mut kv = DeviceKv {
-            k: empty.clone(),
-            v: empty,
-        };
+        let mut kv = DeviceKv::empty(c.n_kv_heads, c.head_dim, m.device());
         for (h, rope) in &mut self.chunks {
             *h = m.block(
                 block,

@@ -311,7 +311,7 @@ impl Model {
         let (k, v) = (k.swap_dims(0, 1), v.swap_dims(0, 1));
         let mut att: Partial = if t == 1 {
             own.append(k, v);
-            attention::attend(q.clone(), own.k.clone(), own.v.clone(), None)
+            attention::attend(q.clone(), own.k(), own.v(), None)
         } else {
             // Several tokens attend to themselves causally and to the session's earlier tokens without a mask,
             // merged like any two segments: the mask stays t × t however long the session is.
@@ -324,18 +324,15 @@ impl Model {
             let att = if own.is_empty() {
                 fresh
             } else {
-                attention::merge(
-                    attention::attend(q.clone(), own.k.clone(), own.v.clone(), None),
-                    fresh,
-                )
+                attention::merge(attention::attend(q.clone(), own.k(), own.v(), None), fresh)
             };
             own.append(k, v);
             att
         };
         if let Some(ctx) = ctx.filter(|c| !c.is_empty()) {
-            let mut part = attention::attend(q.clone(), ctx.k.clone(), ctx.v.clone(), None);
+            let mut part = attention::attend(q.clone(), ctx.k(), ctx.v(), None);
             if let Some(b) = blend.filter(|b| b.weight > 0.0) {
-                let other = attention::attend(q, b.kv.k.clone(), b.kv.v.clone(), None);
+                let other = attention::attend(q, b.kv.k(), b.kv.v(), None);
                 part = attention::blend(part, other, b.weight);
             }
             att = attention::merge(part, att);

@@ -1,7 +1,5 @@
 //! A generation session: the session's own KV, an optional shared-context KV segment, prefill and decode.
 
-use burn::tensor::Tensor;
-
 use super::{Logits, Model, QueryEnergy};
 use crate::kv::{Blend, DeviceKv, KvError, KvState, LayerContext, LayerKv};
 use crate::quant::Precision;
@@ -87,20 +85,13 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model) -> Self {
         let c = model.config();
-        let empty = Tensor::<3>::zeros([c.n_kv_heads, 0, c.head_dim], model.device());
         Session {
             model,
             ctx: vec![None; c.n_layers],
             ctx_tokens: Vec::new(),
             ctx_positions: Vec::new(),
             gated: vec![None; c.n_layers],
-            own: vec![
-                DeviceKv {
-                    k: empty.clone(),
-                    v: empty
-                };
-                c.n_layers
-            ],
+            own: vec![DeviceKv::empty(c.n_kv_heads, c.head_dim, model.device()); c.n_layers],
             own_tokens: Vec::new(),
             precision: Precision::default(),
             energy: None,

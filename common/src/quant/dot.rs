@@ -78,6 +78,7 @@ impl Q8Act {
     }
 
     /// One row's blocks, padding included.
+    #[inline]
     pub fn row(&self, n: usize) -> ActRow<'_> {
         let nb = Self::row_blocks(self.k);
         ActRow {

@@ -57,6 +57,8 @@ pub(super) fn load16_i8(b: &[i8], at: usize) -> v128 {
 
 /// Dot products of one weight row in batched.rs's common form (signed bytes `q`, a scale per 16) with a tile of
 /// activation rows, without the rows' `min` terms. Each block's weights are widened once for the whole tile.
+/// Inlined: as a call, prefill measured ~5% slower.
+#[inline(always)]
 pub(super) fn dot_tile_unpacked<const T: usize>(
     q: &[i8],
     scale: &[f32],
