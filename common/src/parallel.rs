@@ -72,9 +72,20 @@ pub fn set_host_threads(threads: usize, spawn: HostSpawn) -> bool {
     team::HOST.set((threads, spawn)).is_ok()
 }
 
-/// Runs `f(r0, r1, sink)` over disjoint row ranges covering `0..rows`, in parallel where threads exist;
-/// `sink(i, r, values)` stores outputs `[i, r..r + values.len()]` for rows in the worker's own range.
-pub fn for_each_chunk<F>(out: OutMatrix<'_>, f: F)
+/// Fewest weight bytes a mat-vec reads for it to be split over threads. In the browser's threaded engine, handing
+/// a job to a helper Web Worker costs more than a small mat-vec's second half: with SmolLM2 (attention projections
+/// of 40–200 kB) two threads decoded slower than one, 87.7 vs 90.1 tok/s; with those on one thread, 100.1 tok/s
+/// (`just bench-wasm`). Native builds split every mat-vec, as before.
+pub const MIN_SPLIT_BYTES: usize = if cfg!(target_arch = "wasm32") {
+    256 << 10
+} else {
+    0
+};
+
+/// Runs `f(r0, r1, sink)` over disjoint row ranges covering `0..rows`, in parallel where threads exist and `split`
+/// says the work is worth it; `sink(i, r, values)` stores outputs `[i, r..r + values.len()]` for rows in the
+/// worker's own range.
+pub fn for_each_chunk<F>(out: OutMatrix<'_>, split: bool, f: F)
 where
     F: Fn(usize, usize, &dyn Fn(usize, usize, &[f32])) + Sync,
 {
@@ -94,7 +105,7 @@ where
         });
     };
     #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
-    if let Some(team) = team::get() {
+    if let Some(team) = team::get().filter(|_| split) {
         return team.run(chunks, &run);
     }
     (0..chunks).for_each(run);
@@ -295,7 +306,7 @@ mod tests {
                 s.spawn(move || {
                     for round in 0..50 {
                         let mut out = vec![0f32; 2 * rows];
-                        for_each_chunk(OutMatrix::new(&mut out, 2, rows), |r0, r1, sink| {
+                        for_each_chunk(OutMatrix::new(&mut out, 2, rows), true, |r0, r1, sink| {
                             for r in r0..r1 {
                                 sink(0, r, &[r as f32]);
                                 sink(1, r, &[(caller * round) as f32]);
@@ -313,7 +324,7 @@ mod tests {
     fn a_panicking_chunk_reaches_the_caller() {
         let mut out = vec![0f32; 64];
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            for_each_chunk(OutMatrix::new(&mut out, 1, 64), |r0, _, _| {
+            for_each_chunk(OutMatrix::new(&mut out, 1, 64), true, |r0, _, _| {
                 assert!(r0 != 16, "chunk at row 16 fails");
             })
         }));

@@ -145,7 +145,7 @@ pub fn matmul(
 
     let float_weights = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     if float_weights || precision == Precision::F32 {
-        crate::parallel::for_each_chunk(out, |r0, r1, sink| {
+        crate::parallel::for_each_chunk(out, true, |r0, r1, sink| {
             let mut wrow = vec![0f32; k];
             for r in r0..r1 {
                 super::dequantize_row(ty, weight_row(r), &mut wrow);
@@ -159,7 +159,7 @@ pub fn matmul(
 
     let act = Q8Act::quantize(x, k);
     if n >= BATCH_MIN_TOKENS {
-        crate::parallel::for_each_chunk(out, |r0, r1, sink| {
+        crate::parallel::for_each_chunk(out, true, |r0, r1, sink| {
             let mut row = UnpackedRow::new(k);
             for r in r0..r1 {
                 row.fill(ty, weight_row(r));
@@ -174,7 +174,8 @@ pub fn matmul(
     } else {
         let kernel = pick_kernel(ty);
         let rows_kernel = pick_rows_kernel(ty);
-        crate::parallel::for_each_chunk(out, |r0, r1, sink| {
+        let split = w.len() >= crate::parallel::MIN_SPLIT_BYTES;
+        crate::parallel::for_each_chunk(out, split, |r0, r1, sink| {
             // Runs of rows, each a few kB of weights that stay in cache for every token.
             const RUN: usize = 32;
             let mut values = [0f32; RUN];
