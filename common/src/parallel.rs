@@ -108,6 +108,8 @@ where
     if let Some(team) = team::get().filter(|_| split) {
         return team.run(chunks, &run);
     }
+    #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+    let _ = split; // one thread: nothing to split over
     (0..chunks).for_each(run);
 }
 

@@ -51,19 +51,11 @@ impl Q8Act {
         for (b, xs) in x.chunks_exact(QK8).enumerate() {
             let (row, col) = (b / (k / QK8), b % (k / QK8));
             let at = row * stride + col;
-            // Comparisons, not `f32::max`: in WebAssembly that is a call to `fmaxf` (NaN rules differ).
-            let amax = xs
-                .iter()
-                .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut s = 0i32;
-            for (q, &v) in a.qs[at * QK8..(at + 1) * QK8].iter_mut().zip(xs) {
-                *q = round_half_away(v * id) as i8;
-                s += *q as i32;
-            }
-            a.d[at] = d;
-            a.sum[at] = s;
+            let xs: &[f32; QK8] = xs.try_into().expect("a block");
+            let q: &mut [i8; QK8] = (&mut a.qs[at * QK8..(at + 1) * QK8])
+                .try_into()
+                .expect("a block");
+            (a.d[at], a.sum[at]) = quantize_block(xs, q);
         }
         a
     }
@@ -87,6 +79,31 @@ impl Q8Act {
             sum: &self.sum[n * nb..(n + 1) * nb],
         }
     }
+}
+
+/// One block of 32 activations as int8 codes in `q`: returns the scale and the codes' sum.
+#[inline]
+fn quantize_block(xs: &[f32; QK8], q: &mut [i8; QK8]) -> (f32, i32) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return super::wasm::quantize_block(xs, q);
+    #[allow(unreachable_code)]
+    quantize_block_scalar(xs, q)
+}
+
+/// [`quantize_block`] in plain Rust: the definition the SIMD version matches bit for bit.
+fn quantize_block_scalar(xs: &[f32; QK8], q: &mut [i8; QK8]) -> (f32, i32) {
+    // Comparisons, not `f32::max`: in WebAssembly that is a call to `fmaxf` (NaN rules differ).
+    let amax = xs
+        .iter()
+        .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut s = 0i32;
+    for (q, &v) in q.iter_mut().zip(xs) {
+        *q = round_half_away(v * id) as i8;
+        s += *q as i32;
+    }
+    (d, s)
 }
 
 /// `x` rounded half away from zero, as `f32::round` does (and llama.cpp's `roundf`), from `trunc`: one instruction
@@ -480,6 +497,43 @@ pub(super) mod tests {
             x ^= x << 5;
             let v = (x as f32 / u32::MAX as f32 - 0.5) * 300.0;
             assert_eq!(round_half_away(v), v.round(), "{v}");
+        }
+    }
+
+    /// The block quantizer in use (simd128 in wasm) gives exactly the portable one's codes, scale and sum, on
+    /// ordinary values, exact halves, zeros, huge values and NaNs.
+    #[test]
+    fn block_quantizer_matches_portable() {
+        let mut x = 7u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..2000 {
+            let scale = [1e-3, 1.0, 37.0, 1e30][round % 4];
+            let mut xs: [f32; QK8] =
+                std::array::from_fn(|_| (next() as f32 / u32::MAX as f32 - 0.5) * scale);
+            match round % 7 {
+                // Scale 1 (the maximum is 127): every other code is an exact half before rounding.
+                0 => {
+                    xs = std::array::from_fn(|i| i as f32 - 15.5);
+                    xs[round % QK8] = -127.0;
+                }
+                1 => xs = [0.0; QK8],
+                2 => xs[3] = f32::NAN,
+                3 => xs[5] = -xs.iter().fold(0f32, |m, v| m.max(v.abs())) * 1.0000001,
+                _ => {}
+            }
+            let (mut fast, mut plain) = ([0i8; QK8], [0i8; QK8]);
+            let a = quantize_block(&xs, &mut fast);
+            let b = quantize_block_scalar(&xs, &mut plain);
+            assert_eq!(
+                (a.0.to_bits(), a.1, fast),
+                (b.0.to_bits(), b.1, plain),
+                "{xs:?}"
+            );
         }
     }
 

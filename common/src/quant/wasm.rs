@@ -91,6 +91,50 @@ pub(super) fn dot_tile_unpacked<const T: usize>(
     std::array::from_fn(|t| hsum(acc[t]))
 }
 
+/// `dot::quantize_block` in simd128, bit for bit: the same maximum (`|x| > m ? |x| : m`, so a NaN never enters
+/// it), the same products, rounding half away from zero from `trunc`, and saturating
+/// conversion to bytes as `as i8` does.
+#[inline]
+pub(super) fn quantize_block(xs: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
+    let v: [v128; 8] = std::array::from_fn(|i| load_f32x4(&xs[4 * i..4 * i + 4]));
+    let m = v.iter().fold(f32x4_splat(0.0), |m, &x| {
+        let a = f32x4_abs(x);
+        v128_bitselect(a, m, f32x4_gt(a, m))
+    });
+    let lanes = [
+        f32x4_extract_lane::<0>(m),
+        f32x4_extract_lane::<1>(m),
+        f32x4_extract_lane::<2>(m),
+        f32x4_extract_lane::<3>(m),
+    ];
+    let amax = lanes.iter().fold(0f32, |m, &l| if l > m { l } else { m });
+    let d = amax / 127.0;
+    let id = f32x4_splat(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let codes: [v128; 8] = std::array::from_fn(|i| {
+        let y = f32x4_mul(v[i], id);
+        let t = f32x4_trunc(y);
+        let away = f32x4_ge(f32x4_abs(f32x4_sub(y, t)), f32x4_splat(0.5));
+        let one = v128_or(v128_and(y, f32x4_splat(-0.0)), f32x4_splat(1.0));
+        i32x4_trunc_sat_f32x4(f32x4_add(t, v128_and(away, one)))
+    });
+    let sum = codes.iter().fold(i32x4_splat(0), |s, &c| i32x4_add(s, c));
+    let sum = i32x4_extract_lane::<0>(sum)
+        + i32x4_extract_lane::<1>(sum)
+        + i32x4_extract_lane::<2>(sum)
+        + i32x4_extract_lane::<3>(sum);
+    let narrow = |a: usize| {
+        i8x16_narrow_i16x8(
+            i16x8_narrow_i32x4(codes[a], codes[a + 1]),
+            i16x8_narrow_i32x4(codes[a + 2], codes[a + 3]),
+        )
+    };
+    for (half, bytes) in q.chunks_exact_mut(16).enumerate() {
+        // SAFETY: `bytes` is 16 writable bytes; wasm stores need no alignment.
+        unsafe { v128_store(bytes.as_mut_ptr() as *mut v128, narrow(4 * half)) };
+    }
+    (d, sum)
+}
+
 /// `acc + p · s` for i32 lanes `p`.
 #[inline(always)]
 fn scaled(acc: v128, p: v128, s: f32) -> v128 {
