@@ -48,14 +48,15 @@ impl Q8Act {
             d: vec![0.0; rows * stride],
             sum: vec![0; rows * stride],
         };
-        for (b, xs) in x.chunks_exact(QK8).enumerate() {
-            let (row, col) = (b / (k / QK8), b % (k / QK8));
-            let at = row * stride + col;
-            let xs: &[f32; QK8] = xs.try_into().expect("a block");
-            let q: &mut [i8; QK8] = (&mut a.qs[at * QK8..(at + 1) * QK8])
-                .try_into()
-                .expect("a block");
-            (a.d[at], a.sum[at]) = quantize_block(xs, q);
+        for (row, xr) in x.chunks_exact(k).enumerate() {
+            for (col, xs) in xr.chunks_exact(QK8).enumerate() {
+                let at = row * stride + col;
+                let xs: &[f32; QK8] = xs.try_into().expect("a block");
+                let q: &mut [i8; QK8] = (&mut a.qs[at * QK8..(at + 1) * QK8])
+                    .try_into()
+                    .expect("a block");
+                (a.d[at], a.sum[at]) = quantize_block(xs, q);
+            }
         }
         a
     }
