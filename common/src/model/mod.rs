@@ -10,6 +10,7 @@ mod layerwise;
 mod logits;
 mod qmatrix;
 mod query_energy;
+mod rope;
 mod session;
 
 use burn::module::Module;
@@ -21,6 +22,7 @@ pub use layerwise::LayerwisePrefill;
 pub use logits::Logits;
 pub use qmatrix::{QMatrix, QuantOps, Weight, has_quantized_kernels, q_linear};
 pub use query_energy::QueryEnergy;
+use rope::Rope;
 pub use session::{ContextLayer, LayerKvAt, Session, SessionError, usable_gate};
 
 use crate::attention::{self, Partial};
@@ -109,12 +111,6 @@ pub struct Model {
     /// Fingerprint of the weights, carried by exported KV so it is never imported into another model.
     #[module(skip)]
     pub fingerprint: String,
-}
-
-/// Rotary tables for a run of positions: `cos`, `sin` as `[tokens, 1, head_dim / 2]`.
-struct Rope {
-    cos: Tensor<3>,
-    sin: Tensor<3>,
 }
 
 impl Model {
@@ -235,48 +231,7 @@ impl Model {
     }
 
     fn rope(&self, start: usize, n: usize) -> Rope {
-        let c = self.config();
-        let half = c.head_dim / 2;
-        let freqs = rope_frequencies(c.rope_theta, c.head_dim);
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for p in start..start + n {
-            for &freq in &freqs {
-                let a = p as f64 * freq;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        let d = self.device();
-        Rope {
-            cos: Tensor::from_data(TensorData::new(cos, [n, 1, half]), d),
-            sin: Tensor::from_data(TensorData::new(sin, [n, 1, half]), d),
-        }
-    }
-
-    /// Rotates `x: [tokens, heads, head_dim]`.
-    fn apply_rope(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        let [t, h, d] = x.dims();
-        let half = d / 2;
-        match self.config().rope_style {
-            RopeStyle::Neox => {
-                let x1 = x.clone().narrow(2, 0, half);
-                let x2 = x.narrow(2, half, half);
-                let r1 = x1.clone() * rope.cos.clone() - x2.clone() * rope.sin.clone();
-                let r2 = x2 * rope.cos.clone() + x1 * rope.sin.clone();
-                Tensor::cat(vec![r1, r2], 2)
-            }
-            RopeStyle::Interleaved => {
-                let x = x.reshape([t, h, half, 2]);
-                let x1 = x.clone().narrow(3, 0, 1);
-                let x2 = x.narrow(3, 1, 1);
-                let cos = rope.cos.clone().unsqueeze_dim::<4>(3);
-                let sin = rope.sin.clone().unsqueeze_dim::<4>(3);
-                let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
-                let r2 = x2 * cos + x1 * sin;
-                Tensor::cat(vec![r1, r2], 3).reshape([t, h, d])
-            }
-        }
+        Rope::new(self.config(), start, n, self.device())
     }
 
     fn block(
@@ -295,8 +250,8 @@ impl Model {
         let g = nh / nkv;
 
         let x = b.attn_norm.forward(h.clone());
-        let q = self.apply_rope(b.q.forward(x.clone(), p).reshape([t, nh, hd]), rope);
-        let k = self.apply_rope(b.k.forward(x.clone(), p).reshape([t, nkv, hd]), rope);
+        let q = rope.apply(b.q.forward(x.clone(), p).reshape([t, nh, hd]));
+        let k = rope.apply(b.k.forward(x.clone(), p).reshape([t, nkv, hd]));
         let v = b.v.forward(x, p).reshape([t, nkv, hd]);
         if let Some((l, e)) = energy {
             e.add(l, q.clone(), c.rope_style);
