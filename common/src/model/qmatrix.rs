@@ -92,7 +92,7 @@ impl QMatrix {
 
     /// The same matrix in the blocks this CPU's kernels would rather read ([`quant::repack`]), if they differ.
     fn for_kernels(self) -> QMatrix {
-        match quant::repack::for_kernels(self.ty, self.bytes()) {
+        match quant::repack::for_kernels(self.ty, self.bytes(), self.cols) {
             Some((ty, blocks)) => QMatrix {
                 ty,
                 offset: 0,

@@ -46,7 +46,7 @@ impl UnpackedRow {
     /// Unpacks one row of `ty` blocks.
     pub(super) fn fill(&mut self, ty: GgmlType, w: &[u8]) {
         let bb = ty.block_bytes();
-        self.has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K);
+        self.has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_1x4 | GgmlType::Q4K);
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
                 for (b, blk) in w.chunks_exact(bb).enumerate() {
@@ -86,6 +86,17 @@ impl UnpackedRow {
                                 q[j + 16] = ((qs[j] >> 4) as i8) - off;
                             }
                         }
+                    }
+                }
+            }
+            GgmlType::Q4_1x4 => {
+                for b in 0..self.min.len() {
+                    let (d, m, qs) = super::repack::q4_1x4_block(w, b);
+                    (self.scale[2 * b], self.scale[2 * b + 1], self.min[b]) = (d, d, m);
+                    let q = &mut self.q[32 * b..32 * b + 32];
+                    for j in 0..16 {
+                        q[j] = (qs[j] & 0xf) as i8;
+                        q[j + 16] = (qs[j] >> 4) as i8;
                     }
                 }
             }

@@ -269,7 +269,7 @@ fn pick_rows_kernel(ty: GgmlType) -> Option<RowsFn> {
     }
 }
 
-fn pick_kernel(ty: GgmlType) -> DotFn {
+pub(super) fn pick_kernel(ty: GgmlType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = super::x86::kernel(ty) {
         return k;
@@ -281,6 +281,7 @@ fn pick_kernel(ty: GgmlType) -> DotFn {
     match ty {
         GgmlType::Q4_0 => |w, a| dot_scalar(GgmlType::Q4_0, w, a),
         GgmlType::Q4_1 => |w, a| dot_scalar(GgmlType::Q4_1, w, a),
+        GgmlType::Q4_1x4 => |w, a| dot_scalar(GgmlType::Q4_1x4, w, a),
         GgmlType::Q5_0 => |w, a| dot_scalar(GgmlType::Q5_0, w, a),
         GgmlType::Q8_0 => |w, a| dot_scalar(GgmlType::Q8_0, w, a),
         GgmlType::Q4K => |w, a| dot_scalar(GgmlType::Q4K, w, a),
@@ -313,6 +314,18 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
                 } else {
                     d * a.d[b] * (s - 8 * a.sum[b]) as f32
                 };
+            }
+        }
+        GgmlType::Q4_1x4 => {
+            for b in 0..a.d.len().min(w.len() / bb * 4) {
+                let (d, m, qs) = super::repack::q4_1x4_block(w, b);
+                let aq = &a.qs[b * 32..b * 32 + 32];
+                let mut s = 0i32;
+                for j in 0..16 {
+                    s += (qs[j] & 0xf) as i32 * aq[j] as i32
+                        + (qs[j] >> 4) as i32 * aq[j + 16] as i32;
+                }
+                acc += d * a.d[b] * s as f32 + m * a.d[b] * a.sum[b] as f32;
             }
         }
         GgmlType::Q5_0 => {

@@ -40,6 +40,10 @@ pub enum GgmlType {
     Q6K,
     Q8K,
     BF16,
+    /// Not a GGUF type: Q4_1 regrouped for the WebAssembly kernels ([`repack`]), four blocks of 32 at a time as
+    /// their four scales and four minimums in f32, then their four runs of 16 nibble bytes (96 bytes per 128
+    /// weights); a row ends with zero blocks up to a whole group.
+    Q4_1x4,
 }
 
 impl GgmlType {
@@ -72,6 +76,7 @@ impl GgmlType {
             F32 | F16 | BF16 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 => 32,
             Q2K | Q3K | Q4K | Q5K | Q6K | Q8K => 256,
+            Q4_1x4 => 128,
         }
     }
 
@@ -93,6 +98,7 @@ impl GgmlType {
             Q5K => 176,
             Q6K => 210,
             Q8K => 292,
+            Q4_1x4 => 96,
         }
     }
 
@@ -102,8 +108,9 @@ impl GgmlType {
         matches!(self, F32 | F16 | Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q6K)
     }
 
+    /// Bytes of a row of `row_len` values (GGUF rows are whole blocks; a [`GgmlType::Q4_1x4`] row ends padded).
     pub fn row_bytes(self, row_len: usize) -> usize {
-        row_len / self.block_len() * self.block_bytes()
+        row_len.div_ceil(self.block_len()) * self.block_bytes()
     }
 }
 

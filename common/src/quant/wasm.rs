@@ -19,6 +19,7 @@ pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
     Some(match ty {
         GgmlType::Q4_0 => blocks32::dot::<blocks32::Q4_0>,
         GgmlType::Q4_1 => blocks32::dot::<blocks32::Q4_1>,
+        GgmlType::Q4_1x4 => blocks32::dot_q4_1x4,
         GgmlType::Q5_0 => blocks32::dot::<blocks32::Q5_0>,
         GgmlType::Q8_0 => blocks32::dot::<blocks32::Q8_0>,
         GgmlType::Q4K => kquants::q4k,
@@ -32,6 +33,7 @@ pub(super) fn rows_kernel(ty: GgmlType) -> Option<RowsFn> {
     Some(match ty {
         GgmlType::Q4_0 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q4_0>),
         GgmlType::Q4_1 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q4_1>),
+        GgmlType::Q4_1x4 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot_q4_1x4),
         GgmlType::Q5_0 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q5_0>),
         GgmlType::Q8_0 => |w, n, a, out| each_row(w, n, a, out, blocks32::dot::<blocks32::Q8_0>),
         GgmlType::Q4K => |w, n, a, out| each_row(w, n, a, out, kquants::q4k),

@@ -181,6 +181,26 @@ pub(super) fn dot<B: Block32>(w: &[u8], a: ActRow<'_>) -> f32 {
     hsum(acc)
 }
 
+/// Σ w·a over one [`GgmlType::Q4_1x4`](super::GgmlType::Q4_1x4) row: [`step`]'s arithmetic for Q4_1, with each
+/// group's four scales and four minimums read as two vectors of f32.
+#[inline(always)]
+pub(super) fn dot_q4_1x4(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = f32x4_splat(0.0);
+    for (g, group) in w.chunks_exact(96).enumerate() {
+        let (q, ad, sums) = four_act_blocks(a, 4 * g);
+        let block = |j: usize| {
+            let (lo, hi) = nibbles(load16(group, 32 + 16 * j));
+            Act32::load(q[j]).dot_u6(lo, hi)
+        };
+        let s = sum_lanes([block(0), block(1), block(2), block(3)]);
+        let (d, m) = (load16(group, 0), load16(group, 16));
+        let t = f32x4_mul(f32x4_mul(d, ad), f32x4_convert_i32x4(s));
+        let t = f32x4_add(t, f32x4_mul(f32x4_mul(m, ad), f32x4_convert_i32x4(sums)));
+        acc = f32x4_add(acc, t);
+    }
+    hsum(acc)
+}
+
 /// Activation blocks `b..b + 4` (into the row's padding at its end), their scales and their sums.
 #[inline(always)]
 fn four_act_blocks(a: ActRow<'_>, b: usize) -> ([&[i8; 32]; 4], v128, v128) {
