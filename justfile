@@ -126,15 +126,25 @@ test: (models "smollm2" "qwen-0.5b") component web browser-deps test-wasm
 llamacpp_venv := env_var_or_default("TANDEM_LLAMACPP_VENV", env_var("HOME") / ".cache/tandem/llamacpp-venv")
 
 # Install llama-cpp-python (a ~10-minute source build) into a venv; used only for fixtures and benchmarks.
-# AMX is left out: ggml's AMX kernels crash on these VMs.
+# Built for the instruction sets this CPU has (AMX left out: ggml's AMX kernels crash on these VMs); a venv built
+# on another CPU is rebuilt (one built with AVX-VNNI stopped on "Illegal instruction" on an AMD EPYC without it).
 llamacpp:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ -x "{{llamacpp_venv}}/bin/python" ] && "{{llamacpp_venv}}/bin/python" -c "import llama_cpp" 2>/dev/null; then exit 0; fi
-    {{python}} -m venv "{{llamacpp_venv}}"
-    "{{llamacpp_venv}}/bin/pip" install -q --upgrade pip
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_BMI2=ON" \
-      CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "{{llamacpp_venv}}/bin/pip" install llama-cpp-python==0.3.36 numpy
+    args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    for pair in avx512f:AVX512 avx512_vnni:AVX512_VNNI avx512vbmi:AVX512_VBMI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+      case "$flags" in *" ${pair%%:*} "*) args="$args -DGGML_${pair#*:}=ON" ;; esac
+    done
+    venv="{{llamacpp_venv}}"
+    if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/cmake-args" 2>/dev/null)" = "$args" ] \
+      && "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then exit 0; fi
+    rm -rf "$venv"
+    {{python}} -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$venv/bin/pip" install --no-cache-dir llama-cpp-python==0.3.36 numpy
+    echo "$args" > "$venv/cmake-args"
 
 # Regenerate the llama.cpp reference fixtures in tests/fixtures (not run by CI).
 fixtures: (models "smollm2" "qwen-0.5b") llamacpp
