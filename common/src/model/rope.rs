@@ -121,18 +121,8 @@ impl RopeOps for burn::backend::Flex {
         let dims = x.shape();
         let (t, h, d) = (dims[0], dims[1], dims[2]);
         let half = d / 2;
-        let contiguous = |x: FloatTensor<Self>| if x.is_contiguous() { x } else { x.to_contiguous() };
         let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
-        let values = |x: &FloatTensor<Self>| {
-            x.as_slice::<f32>()
-                .expect("rope: f32 tensors")
-                .to_owned()
-        };
-        let (xs, cos, sin) = (
-            x.as_slice::<f32>().expect("rope: f32 input"),
-            values(&cos),
-            values(&sin),
-        );
+        let (xs, cos, sin) = (values(&x), values(&cos), values(&sin));
         assert!(
             xs.len() == t * h * d && cos.len() == t * half && sin.len() == t * half,
             "rope: [{t}, {h}, {d}] with tables of {} and {}",
@@ -140,12 +130,6 @@ impl RopeOps for burn::backend::Flex {
             sin.len()
         );
         let mut out = vec![0f32; xs.len()];
-        // Where each pair's two channels sit in a head: (i, i + d/2) or (2i, 2i + 1).
-        let (first, second): (fn(usize, usize) -> usize, fn(usize, usize) -> usize) = if neox {
-            (|i, _| i, |i, half| i + half)
-        } else {
-            (|i, _| 2 * i, |i, _| 2 * i + 1)
-        };
         for (token, (x, out)) in xs
             .chunks_exact(h * d)
             .zip(out.chunks_exact_mut(h * d))
@@ -154,7 +138,12 @@ impl RopeOps for burn::backend::Flex {
             let (cos, sin) = (&cos[token * half..][..half], &sin[token * half..][..half]);
             for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                 for i in 0..half {
-                    let (a, b) = (first(i, half), second(i, half));
+                    // Where pair i's two channels sit in a head.
+                    let (a, b) = if neox {
+                        (i, i + half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
                     let (x1, x2) = (x[a], x[b]);
                     out[a] = x1 * cos[i] - x2 * sin[i];
                     out[b] = x2 * cos[i] + x1 * sin[i];
@@ -163,6 +152,20 @@ impl RopeOps for burn::backend::Flex {
         }
         burn::backend::flex::FlexTensor::from_data(TensorData::new(out, [t, h, d]))
     }
+}
+
+#[cfg(feature = "flex")]
+fn contiguous(x: burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor {
+    if x.is_contiguous() {
+        x
+    } else {
+        x.to_contiguous()
+    }
+}
+
+#[cfg(feature = "flex")]
+fn values(x: &burn::backend::flex::FlexTensor) -> &[f32] {
+    x.as_slice::<f32>().expect("rope: contiguous f32 tensors")
 }
 
 #[cfg(feature = "webgpu")]

@@ -52,7 +52,11 @@ pub(super) fn q4_1x4_block(row: &[u8], b: usize) -> (f32, f32, &[u8]) {
     let group = &row[b / 4 * 96..][..96];
     let j = b % 4;
     let f32_at = |at: usize| f32::from_le_bytes(group[at..at + 4].try_into().expect("4 bytes"));
-    (f32_at(4 * j), f32_at(16 + 4 * j), &group[32 + 16 * j..][..16])
+    (
+        f32_at(4 * j),
+        f32_at(16 + 4 * j),
+        &group[32 + 16 * j..][..16],
+    )
 }
 
 /// Q5_0 blocks (f16 scale, 32 fifth bits, 16 bytes of nibbles) as Q8_0 blocks of the same values.
@@ -119,7 +123,10 @@ mod tests {
                     crate::quant::matmul(ty, w, 3, k, &tokens, &mut out, Default::default());
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
-                assert_eq!(product(GgmlType::Q4_1, &rows), product(GgmlType::Q4_1x4, &x4));
+                assert_eq!(
+                    product(GgmlType::Q4_1, &rows),
+                    product(GgmlType::Q4_1x4, &x4)
+                );
             }
         }
     }
