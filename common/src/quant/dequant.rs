@@ -47,8 +47,8 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
             for (b, y) in out.chunks_exact_mut(32).enumerate() {
                 let (d, m, qs) = super::repack::q4_1x4_block(row, b);
                 for j in 0..16 {
-                    y[j] = ((qs[j] & 0xf) as f32 - 0.0) * d + m;
-                    y[j + 16] = ((qs[j] >> 4) as f32 - 0.0) * d + m;
+                    y[j] = (qs[j] & 0xf) as f32 * d + m;
+                    y[j + 16] = (qs[j] >> 4) as f32 * d + m;
                 }
             }
         }
