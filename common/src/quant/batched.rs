@@ -91,7 +91,7 @@ impl UnpackedRow {
             }
             GgmlType::Q4_1x4 => {
                 for b in 0..self.min.len() {
-                    let (d, m, qs) = super::repack::q4_1x4_block(w, b);
+                    let (d, m, qs) = super::nibble_block(ty, w, b);
                     (self.scale[2 * b], self.scale[2 * b + 1], self.min[b]) = (d, d, m);
                     let q = &mut self.q[32 * b..32 * b + 32];
                     for j in 0..16 {

@@ -29,26 +29,13 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
                 *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            for (b, y) in row.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
-                let d = f16_at(b, 0);
-                let (m, qs, off) = if ty == GgmlType::Q4_1 {
-                    (f16_at(b, 2), &b[4..20], 0.0)
-                } else {
-                    (0.0, &b[2..18], 8.0)
-                };
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_1x4 => {
+            let off = if ty == GgmlType::Q4_0 { 8.0 } else { 0.0 };
+            for (b, y) in out.chunks_exact_mut(32).enumerate() {
+                let (d, m, qs) = super::nibble_block(ty, row, b);
                 for j in 0..16 {
                     y[j] = ((qs[j] & 0xf) as f32 - off) * d + m;
                     y[j + 16] = ((qs[j] >> 4) as f32 - off) * d + m;
-                }
-            }
-        }
-        GgmlType::Q4_1x4 => {
-            for (b, y) in out.chunks_exact_mut(32).enumerate() {
-                let (d, m, qs) = super::repack::q4_1x4_block(row, b);
-                for j in 0..16 {
-                    y[j] = (qs[j] & 0xf) as f32 * d + m;
-                    y[j + 16] = (qs[j] >> 4) as f32 * d + m;
                 }
             }
         }

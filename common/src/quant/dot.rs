@@ -295,37 +295,22 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
     let bb = ty.block_bytes();
     let mut acc = 0f32;
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            for (b, blk) in w.chunks_exact(bb).enumerate() {
-                let d = f16_at(blk, 0);
-                let qs = if ty == GgmlType::Q4_1 {
-                    &blk[4..20]
-                } else {
-                    &blk[2..18]
-                };
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_1x4 => {
+            // Blocks of 32 (a Q4_1x4 row's padding included: its activations are zero blocks too).
+            let blocks = (w.len() / bb * (ty.block_len() / 32)).min(a.d.len());
+            for b in 0..blocks {
+                let (d, m, qs) = super::nibble_block(ty, w, b);
                 let aq = &a.qs[b * 32..b * 32 + 32];
                 let mut s = 0i32;
                 for j in 0..16 {
                     s += (qs[j] & 0xf) as i32 * aq[j] as i32
                         + (qs[j] >> 4) as i32 * aq[j + 16] as i32;
                 }
-                acc += if ty == GgmlType::Q4_1 {
-                    d * a.d[b] * s as f32 + f16_at(blk, 2) * a.d[b] * a.sum[b] as f32
-                } else {
+                acc += if ty == GgmlType::Q4_0 {
                     d * a.d[b] * (s - 8 * a.sum[b]) as f32
+                } else {
+                    d * a.d[b] * s as f32 + m * a.d[b] * a.sum[b] as f32
                 };
-            }
-        }
-        GgmlType::Q4_1x4 => {
-            for b in 0..a.d.len().min(w.len() / bb * 4) {
-                let (d, m, qs) = super::repack::q4_1x4_block(w, b);
-                let aq = &a.qs[b * 32..b * 32 + 32];
-                let mut s = 0i32;
-                for j in 0..16 {
-                    s += (qs[j] & 0xf) as i32 * aq[j] as i32
-                        + (qs[j] >> 4) as i32 * aq[j + 16] as i32;
-                }
-                acc += d * a.d[b] * s as f32 + m * a.d[b] * a.sum[b] as f32;
             }
         }
         GgmlType::Q5_0 => {

@@ -114,6 +114,20 @@ impl GgmlType {
     }
 }
 
+/// Block `b` (of 32 values) of a row of 4-bit blocks (Q4_0, Q4_1, Q4_1x4): its scale, its minimum (0 for Q4_0) and
+/// its 16 nibble bytes.
+#[inline]
+pub(crate) fn nibble_block(ty: GgmlType, row: &[u8], b: usize) -> (f32, f32, &[u8]) {
+    if ty == GgmlType::Q4_1x4 {
+        return repack::q4_1x4_block(row, b);
+    }
+    let blk = &row[b * ty.block_bytes()..][..ty.block_bytes()];
+    match ty {
+        GgmlType::Q4_1 => (f16_at(blk, 0), f16_at(blk, 2), &blk[4..20]),
+        _ => (f16_at(blk, 0), 0.0, &blk[2..18]),
+    }
+}
+
 #[inline]
 pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
