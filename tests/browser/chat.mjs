@@ -1,9 +1,11 @@
 // Drives Debian's Chromium (playwright-core) through the @tandem/edge package for tests/tests/browser.rs.
 //
-// Usage: node chat.mjs PLAN_JSON. The plan: { chromium, userDataDir, pageUrl, sessions: [{ webgpu, steps }] }; each
-// session launches the browser on the shared profile (so the Cache Storage persists between sessions), opens the
-// page and runs its steps in order. Prints one JSON line: per session, per step, what happened, and the browser's
-// peak memory (the proportional set size of all its processes, sampled every 100 ms).
+// Usage: node chat.mjs PLAN_JSON. The plan: { chromium, userDataDir, pageUrl, sessions: [{ webgpu, memory?, steps }] };
+// each session launches the browser on the shared profile (so the Cache Storage persists between sessions), opens
+// the page and runs its steps in order. Prints one JSON line: per session, per step, what happened, and with
+// `memory: true` the browser's peak memory (the proportional set size of all its processes, sampled every 100 ms).
+// Only sessions that ask are sampled: reading a process's PSS walks its page tables, and every 100 ms that took ~40%
+// of a core while the engine's gigabyte was mapped, which on two cores slowed a two-thread decode by a third.
 //
 // Steps: { do: "load", cloudUrl, model, backend?, simd?, threads? } creates an engine (progress events counted); { do: "chat", request } streams
 // one answer (pieces and the final stats); each step's report has its wall time (`ms`); { do: "reload" } reloads the page; { do: "poison-cache" } overwrites the
@@ -80,7 +82,9 @@ for (const session of plan.sessions) {
   const context = await launch(plan.chromium, plan.userDataDir, { webgpu: session.webgpu });
   const logs = [];
   let peakPss = 0;
-  const sampler = setInterval(() => (peakPss = Math.max(peakPss, browserPss(plan.userDataDir))), 100);
+  const sampler = session.memory
+    ? setInterval(() => (peakPss = Math.max(peakPss, browserPss(plan.userDataDir))), 100)
+    : undefined;
   try {
     const page = await context.newPage();
     page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
@@ -93,7 +97,7 @@ for (const session of plan.sessions) {
       const result = await step(page, s);
       steps.push({ do: s.do, ms: Date.now() - t0, ...result });
     }
-    report.push({ steps, logs, peakPss });
+    report.push({ steps, logs, ...(session.memory ? { peakPss } : {}) });
   } catch (e) {
     report.push({ error: String(e.stack ?? e), logs });
   } finally {

@@ -1,14 +1,15 @@
 //! `just bench-wasm`: decode and prefill speed of the edge runtime compiled to WebAssembly — the wasm32-wasip2
 //! component under wasmtime (one thread) and the browser build (`@tandem/edge`) in headless Chromium on one and on
 //! two kernel threads — against native tandem (one thread) and llama.cpp on one and two threads, measured side by
-//! side in one run; the browser's peak memory; and the sizes of every .wasm raw, gzipped and brotli'd.
+//! side in one run; the browser's peak memory (in sessions of its own: sampling it costs CPU); and the sizes of
+//! every .wasm raw, gzipped and brotli'd.
 //!
 //! All answer the same chat prompt (prefill: its ~200 tokens over the time to first token); tandem's turns stop at
 //! the end of the answer (at most 64 tokens), llama.cpp decodes 64 tokens.
 
 use std::io::Write;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tandem_cloud::ServeOptions;
 use tandem_common::engine::GenerateOptions;
 use tandem_common::tokenizer::Message;
@@ -98,9 +99,10 @@ fn native_rates(model: &str) -> (Rates, Vec<u32>) {
     (best, ids)
 }
 
-/// Rates in headless Chromium (the engine in its worker, wasm CPU path) on `threads` kernel threads, and the
-/// browser's peak memory (PSS of all its processes), per model.
-fn browser_rates(models: &[&str], threads: usize) -> Vec<(Rates, f64)> {
+/// One browser session per model on the local cloud (the engine in its worker, wasm CPU path, `threads` kernel
+/// threads): loads the model, then runs `chats` turns of the question; with `memory`, the driver samples the
+/// browser's memory (PSS of all its processes), which costs CPU, so speed is measured in sessions without it.
+fn browser_sessions(models: &[&str], threads: usize, chats: usize, memory: bool) -> Vec<Value> {
     let browser = Browser::find();
     let cloud = TestCloud::start(ServeOptions {
         models: models.iter().map(|m| m.to_string()).collect(),
@@ -115,35 +117,51 @@ fn browser_rates(models: &[&str], threads: usize) -> Vec<(Rates, f64)> {
             let mut steps = vec![
                 json!({ "do": "load", "cloudUrl": cloud.url(), "model": m, "threads": threads }),
             ];
-            steps.extend(std::iter::repeat_n(chat.clone(), REPEATS));
-            json!({ "webgpu": false, "steps": steps })
+            steps.extend(std::iter::repeat_n(chat.clone(), chats));
+            json!({ "webgpu": false, "memory": memory, "steps": steps })
         })
         .collect();
     let plan =
         json!({ "pageUrl": format!("{}/test/index.html", cloud.url()), "sessions": sessions });
-    run_plan(&browser, plan)
+    let report = run_plan(&browser, plan);
+    for session in &report {
+        let steps = session["steps"].as_array().expect("steps");
+        assert_eq!(
+            steps[0]["info"]["threads"], threads,
+            "the browser runs {threads} kernel threads: {:#}",
+            steps[0]
+        );
+        for s in &steps[1..] {
+            assert_eq!(s["ok"], true, "browser turn: {s:#}");
+        }
+    }
+    report
+}
+
+/// Rates in headless Chromium on `threads` kernel threads, per model.
+fn browser_rates(models: &[&str], threads: usize) -> Vec<Rates> {
+    browser_sessions(models, threads, REPEATS, false)
         .iter()
         .map(|session| {
-            let steps = session["steps"].as_array().expect("steps");
-            let got = &steps[0]["info"]["threads"];
-            assert_eq!(
-                got, threads,
-                "the browser runs {threads} kernel threads: {:#}",
-                steps[0]
-            );
-            let best = steps[1..]
+            session["steps"].as_array().expect("steps")[1..]
                 .iter()
                 .map(|s| {
-                    assert_eq!(s["ok"], true, "browser turn: {s:#}");
                     let num = |k: &str| s["stats"][k].as_f64().expect("stats");
                     Rates {
                         prefill: num("prompt_tokens") / (num("ttft_ms") / 1e3),
                         decode: num("decode_tokens_per_second"),
                     }
                 })
-                .fold(Rates::default(), Rates::best);
-            (best, session["peakPss"].as_f64().unwrap_or(0.0))
+                .fold(Rates::default(), Rates::best)
         })
+        .collect()
+}
+
+/// The browser's peak memory (bytes, PSS of all its processes) while it loads each model and answers once.
+fn browser_peak_memory(models: &[&str]) -> Vec<f64> {
+    browser_sessions(models, 1, 1, true)
+        .iter()
+        .map(|session| session["peakPss"].as_f64().expect("peakPss"))
         .collect()
 }
 
@@ -202,8 +220,9 @@ fn main() {
     let models = ["smollm2", "qwen-0.5b"];
     let one = browser_rates(&models, 1);
     let two = browser_rates(&models, 2);
+    let peaks = browser_peak_memory(&models);
     let mut rows = Vec::new();
-    for ((model, (c1, peak)), (c2, _)) in models.into_iter().zip(one).zip(two) {
+    for (((model, c1), c2), peak) in models.into_iter().zip(one).zip(two).zip(peaks) {
         let w = component_rates(&rt, model);
         let (n, ids) = native_rates(model);
         let llama = |threads| {
