@@ -159,8 +159,9 @@ bench-decode: (models "smollm2" "qwen-0.5b") llamacpp
 bench-stream *args: (models "smollm2" "qwen-0.5b")
     cargo run --release -p tandem-tests --bin bench-stream -- {{args}}
 
-# Decode and prefill speed of the wasm edge — the component under wasmtime and the npm package in headless Chromium,
-# one thread each — vs native tandem and llama.cpp on one thread; the browser's peak memory; both .wasm sizes.
+# Decode and prefill speed of the wasm edge — the component under wasmtime (one thread) and the npm package in
+# headless Chromium (one and two threads) — vs native tandem (one) and llama.cpp (one and two); the browser's peak
+# memory; every .wasm's size.
 bench-wasm: (models "smollm2" "qwen-0.5b") llamacpp component npm browser-deps
     cargo run --release -p tandem-tests --bin bench-wasm -- --llamacpp-python "{{llamacpp_venv}}/bin/python"
 
