@@ -41,6 +41,12 @@ generate model prompt *args: build
 cloud *args: (models "smollm2") build
     {{tandem}} serve {{ if args == "" { "--context-file README.md" } else { args } }}
 
+# Measure how much each layer's keys and values of a model matter (each coded alone, the rest exact: ~20 min for
+# qwen-0.5b on 2 cores); the pca codecs then give every layer its own step. Writes `<weights>.kv-steps.json` beside
+# the model, where `tandem serve` and `tandem codec-report` find it.
+calibrate model="qwen-0.5b" *args: (models model) build
+    {{tandem}} calibrate --model {{model}} {{args}}
+
 # Chat on this machine with a context whose KV streams from a cloud: `just chat ID "question"`.
 chat context prompt cloud="http://127.0.0.1:8080" *args: build
     {{tandem}} chat --cloud {{cloud}} --context {{context}} --prompt "{{prompt}}" {{args}}

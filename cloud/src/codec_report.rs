@@ -4,9 +4,12 @@
 
 use std::time::Instant;
 
-use tandem_common::codec::{Codec, RopeParams, decode_layer, encode_layer_weighted};
+use tandem_common::codec::{
+    Codec, KvShape, LayerStep, RopeParams, Rotary, StepScales, decode_layer, encode_layer_weighted,
+};
 use tandem_common::engine::{Engine, EngineError};
-use tandem_common::kv::KvState;
+use tandem_common::kv::{KvState, LayerKv};
+use tandem_common::model::QueryEnergy;
 use tandem_common::quant::Precision;
 use tandem_common::sample::{argmax, log_prob};
 use tandem_common::tokenizer::Message;
@@ -26,7 +29,8 @@ pub struct CodecRow {
     pub decode_ms: f64,
 }
 
-/// Measures `codecs` on the KV of `context` (as a system message) for `questions`, `steps` tokens each.
+/// Measures `codecs` on the KV of `context` (as a system message) for `questions`, `steps` tokens each; the `pca`
+/// codecs scale their steps by `scales` when given (a model's [`StepScales`]).
 pub fn codec_report(
     engine: &Engine,
     context: &str,
@@ -34,52 +38,136 @@ pub fn codec_report(
     steps: usize,
     precision: Precision,
     codecs: &[Codec],
+    scales: Option<&StepScales>,
 ) -> Result<Vec<CodecRow>, EngineError> {
-    let (exact, energy) = engine.prefill_context(&engine.tokenizer.context_tokens(context)?)?;
-    let mut references = Vec::new();
-    for q in questions {
-        let prompt = engine
-            .tokenizer
-            .chat_tokens(&[Message::new("user", q)], true)?;
-        let run = teacher_forced(engine, &exact, &prompt, None, steps, precision)?;
-        references.push((prompt, run));
-    }
-    let shape = tandem_common::codec::KvShape {
-        kv_heads: exact.kv_heads,
-        tokens: exact.len(),
-        head_dim: exact.head_dim,
-    };
-    let f16_bytes = (exact.layers.len() * 2 * shape.values().unwrap_or(0) * 2) as f64;
-    let rotary = RopeParams::of(engine.model.config()).at(&exact.positions);
+    let tokens = engine.tokenizer.context_tokens(context)?;
+    let probe = Probe::new(engine, &tokens, questions, steps, precision)?;
+    let f16_bytes = (probe.exact.layers.len() * 2 * probe.shape().values().unwrap_or(0) * 2) as f64;
     let mut rows = Vec::new();
     for &codec in codecs {
         let t = Instant::now();
-        let encoded: Vec<Vec<u8>> = exact
-            .layers
-            .iter()
-            .zip(&energy.layers)
-            .map(|(l, w)| encode_layer_weighted(codec, shape, Some(rotary), Some(w), l))
+        let encoded: Vec<Vec<u8>> = (0..probe.exact.layers.len())
+            .map(|l| {
+                probe.encode(
+                    codec,
+                    l,
+                    scales.map_or_else(LayerStep::default, |s| s.layer(l)),
+                )
+            })
             .collect();
         let encode_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let layers = encoded
-            .iter()
-            .map(|b| decode_layer(codec, shape, Some(rotary), b).expect("own encoding decodes"))
-            .collect();
+        let layers = encoded.iter().map(|b| probe.decode(codec, b)).collect();
         let decode_ms = t.elapsed().as_secs_f64() * 1e3;
-        let received = KvState {
+        let score = probe.score(&KvState {
             layers,
-            ..exact.clone()
-        };
+            ..probe.exact.clone()
+        })?;
+        let bytes: usize = encoded.iter().map(Vec::len).sum();
+        rows.push(CodecRow {
+            codec,
+            bytes,
+            bytes_per_token: bytes as f64 / probe.exact.len() as f64,
+            smaller_than_f16: f16_bytes / bytes as f64,
+            agreement: score.agreement,
+            logprob_shift: score.logprob_shift,
+            encode_ms,
+            decode_ms,
+        });
+    }
+    Ok(rows)
+}
+
+/// A context's exact KV and the exact runs of some questions after it: what a changed KV is scored against.
+pub(crate) struct Probe<'e> {
+    engine: &'e Engine,
+    precision: Precision,
+    pub exact: KvState,
+    energy: QueryEnergy,
+    /// Each question's prompt and its exact greedy run.
+    references: Vec<(Vec<u32>, Run)>,
+}
+
+/// How a changed KV did against the exact runs.
+pub(crate) struct Score {
+    /// Top-1 agreement, teacher-forced along the exact runs.
+    pub agreement: f64,
+    /// Mean |Δ log p| of the exact runs' tokens, nats.
+    pub logprob_shift: f64,
+}
+
+impl<'e> Probe<'e> {
+    /// Prefills `context` (tokens) and runs each question after it, `steps` greedy tokens.
+    pub fn new(
+        engine: &'e Engine,
+        context: &[u32],
+        questions: &[&str],
+        steps: usize,
+        precision: Precision,
+    ) -> Result<Self, EngineError> {
+        let (exact, energy) = engine.prefill_context(context)?;
+        let mut references = Vec::new();
+        for q in questions {
+            let prompt = engine
+                .tokenizer
+                .chat_tokens(&[Message::new("user", q)], true)?;
+            let run = teacher_forced(engine, &exact, &prompt, None, steps, precision)?;
+            references.push((prompt, run));
+        }
+        Ok(Probe {
+            engine,
+            precision,
+            exact,
+            energy,
+            references,
+        })
+    }
+
+    pub fn shape(&self) -> KvShape {
+        KvShape {
+            kv_heads: self.exact.kv_heads,
+            tokens: self.exact.len(),
+            head_dim: self.exact.head_dim,
+        }
+    }
+
+    fn rotary(&self) -> Rotary<'_> {
+        RopeParams::of(self.engine.model.config()).at(&self.exact.positions)
+    }
+
+    /// Layer `l` of the exact KV in `codec`, as the cloud would encode it.
+    pub fn encode(&self, codec: Codec, l: usize, step: LayerStep) -> Vec<u8> {
+        let w = self.energy.layers.get(l).map(Vec::as_slice);
+        encode_layer_weighted(
+            codec,
+            self.shape(),
+            Some(self.rotary()),
+            w,
+            step,
+            &self.exact.layers[l],
+        )
+    }
+
+    pub fn decode(&self, codec: Codec, bytes: &[u8]) -> LayerKv {
+        decode_layer(codec, self.shape(), Some(self.rotary()), bytes).expect("own encoding decodes")
+    }
+
+    /// Tokens each [`score`](Self::score) compares.
+    pub fn scored_tokens(&self) -> usize {
+        self.references.iter().map(|(_, r)| r.tokens.len()).sum()
+    }
+
+    /// Runs every question after `kv`, fed the exact runs' tokens.
+    pub fn score(&self, kv: &KvState) -> Result<Score, EngineError> {
         let (mut agree, mut total, mut shift) = (0, 0, 0.0);
-        for (prompt, exact_run) in &references {
+        for (prompt, exact_run) in &self.references {
             let run = teacher_forced(
-                engine,
-                &received,
+                self.engine,
+                kv,
                 prompt,
                 Some(&exact_run.tokens),
-                steps,
-                precision,
+                exact_run.tokens.len(),
+                self.precision,
             )?;
             agree += run.hits;
             total += run.tokens.len();
@@ -87,19 +175,11 @@ pub fn codec_report(
                 .map(|(a, b)| (a - b).abs())
                 .sum::<f64>();
         }
-        let bytes: usize = encoded.iter().map(Vec::len).sum();
-        rows.push(CodecRow {
-            codec,
-            bytes,
-            bytes_per_token: bytes as f64 / exact.len() as f64,
-            smaller_than_f16: f16_bytes / bytes as f64,
+        Ok(Score {
             agreement: agree as f64 / total.max(1) as f64,
             logprob_shift: shift / total.max(1) as f64,
-            encode_ms,
-            decode_ms,
-        });
+        })
     }
-    Ok(rows)
 }
 
 /// A teacher-forced run.

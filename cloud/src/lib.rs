@@ -13,6 +13,7 @@ pub mod align;
 pub mod auth;
 pub mod auth_cli;
 pub mod codec_report;
+pub mod kv_steps;
 pub mod kv_stream;
 pub mod limits;
 pub mod listen;
@@ -86,18 +87,44 @@ pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What edges call a model given as `given`: a registry name as it is, a path by its file name without `.gguf`
+/// (a name that fits in a URL segment, as the weights route needs).
+fn served_name(given: &str, path: &std::path::Path) -> String {
+    match models::lookup(given) {
+        Ok(_) => given.to_string(),
+        Err(_) => (path.file_stem())
+            .map_or_else(|| given.to_string(), |s| s.to_string_lossy().into_owned()),
+    }
+}
+
 /// Loads the models and builds the shared state.
 pub fn load_app(o: &ServeOptions) -> anyhow::Result<Arc<App>> {
     anyhow::ensure!(!o.models.is_empty(), "no model to serve");
     let mut served = Vec::new();
-    for name in &o.models {
-        let path = models::resolve(name)?;
+    for given in &o.models {
+        let path = models::resolve(given)?;
+        let name = &served_name(given, &path);
+        anyhow::ensure!(
+            !served.iter().any(|m: &Served| &m.name == name),
+            "two models would be served as {name:?}"
+        );
         let engine = Engine::open(&path, &default_device())
             .with_context(|| format!("loading {}", path.display()))?;
+        let step_scales = match kv_steps::StepProfile::load_for(&path, &engine)? {
+            Some(p) => {
+                tracing::info!(model = %name, "pca codecs use the calibrated steps in {}", kv_steps::path_for(&path).display());
+                Some(p.scales)
+            }
+            None => {
+                tracing::info!(model = %name, "pca codecs use uniform steps (`tandem calibrate --model {name}` measures per-layer ones)");
+                None
+            }
+        };
         served.push(Served {
             name: name.clone(),
             path,
             engine: Arc::new(engine),
+            step_scales,
         });
     }
     let local = store::LruStore::new(o.store_bytes, o.spill_dir.clone())

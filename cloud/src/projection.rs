@@ -112,6 +112,7 @@ pub async fn projected(
         prefill_ms,
         text: None,
         query_energy: None,
+        step_scales: slm.step_scales.clone(),
     }));
     app.keep(stored.clone()).await;
     Ok(stored)

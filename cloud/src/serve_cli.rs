@@ -11,7 +11,8 @@ use crate::{ServeOptions, load_app, serve, server, upstream};
 pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: std::net::SocketAddr,
-    /// A model to serve (repeatable; the first is the default): a registry name or a .gguf path.
+    /// A model to serve (repeatable; the first is the default): a registry name or a .gguf path (served under its
+    /// file name without `.gguf`).
     #[arg(long = "model", default_values_t = ["smollm2".to_string()])]
     pub models: Vec<String>,
     /// Register this file as a shared context of the default model at start (repeatable); its id is printed.

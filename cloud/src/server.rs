@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tandem_common::codec::{Codec, RopeParams};
+use tandem_common::codec::{Codec, RopeParams, StepScales};
 use tandem_common::engine::Engine;
 use tandem_common::wire::MAX_FRAME_BYTES;
 use warp::Filter;
@@ -29,6 +29,8 @@ pub struct Served {
     pub name: String,
     pub path: PathBuf,
     pub engine: Arc<Engine>,
+    /// Its calibrated `pca` step scales ([`crate::kv_steps`]), when it has them.
+    pub step_scales: Option<StepScales>,
 }
 
 /// Everything the handlers share.
@@ -260,6 +262,7 @@ pub async fn register_context(
         prefill_ms,
         text: Some(text.to_string()),
         query_energy: Some(energy),
+        step_scales: served.step_scales.clone(),
     }));
     app.keep(ctx.clone()).await;
     tracing::info!(id = %ctx.record.id, tokens = n, prefill_ms, "context registered");

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tandem_common::codec::{Codec, KvShape, RopeParams, encode_layer_weighted};
+use tandem_common::codec::{
+    Codec, KvShape, LayerStep, RopeParams, StepScales, encode_layer_weighted,
+};
 use tandem_common::kv::{KvState, LayerKv};
 use tandem_common::model::QueryEnergy;
 
@@ -39,6 +41,9 @@ pub struct ContextRecord {
     /// How strongly the context's queries read each key channel pair, measured by this server's prefill (unknown
     /// for contexts pulled from an upstream): the `pca` codecs weight key errors by it.
     pub query_energy: Option<QueryEnergy>,
+    /// Per-layer scales of the `pca` codecs' steps: the served model's calibrated ones (`tandem calibrate`), when
+    /// it has them. Kept with the context so every replica encodes it alike.
+    pub step_scales: Option<StepScales>,
 }
 
 /// Encoded layers by codec and layer.
@@ -99,6 +104,7 @@ impl StoredContext {
             shape,
             Some(self.record.rope.at(positions)),
             weights.and_then(|e| e.layers.get(layer)).map(Vec::as_slice),
+            (self.record.step_scales.as_ref()).map_or_else(LayerStep::default, |s| s.layer(layer)),
             data,
         )
     }
@@ -272,6 +278,7 @@ mod tests {
             model: "m".into(),
             text: None,
             query_energy: None,
+            step_scales: None,
             kv: KvState {
                 model: "fp".into(),
                 first_layer: 0,

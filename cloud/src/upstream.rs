@@ -65,6 +65,7 @@ impl App {
                     prefill_ms: 0,
                     text: None,
                     query_energy: None,
+                    step_scales: None,
                 })
             })
         })

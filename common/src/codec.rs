@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::kv::LayerKv;
 
+mod steps;
 mod transform;
+
+pub use steps::{LayerStep, StepScales};
 
 /// Values sharing one minimum and step.
 pub const GROUP: usize = 32;
@@ -249,17 +252,19 @@ pub fn encode_layer(
     rotary: Option<Rotary<'_>>,
     layer: &LayerKv,
 ) -> Vec<u8> {
-    encode_layer_weighted(codec, shape, rotary, None, layer)
+    encode_layer_weighted(codec, shape, rotary, None, LayerStep::default(), layer)
 }
 
 /// [`encode_layer`], told how strongly the model's queries read each key channel pair of this layer
 /// (`[kv_heads][head_dim / 2]`, a layer of [`QueryEnergy`](crate::model::QueryEnergy)): the transform codecs then
-/// spend their bits where attention looks. Other codecs ignore it; the decoder never needs it.
+/// spend their bits where attention looks. `step` scales their rounding step for this layer's keys and values
+/// ([`StepScales`]). Other codecs ignore both; the decoder needs neither.
 pub fn encode_layer_weighted(
     codec: Codec,
     shape: KvShape,
     rotary: Option<Rotary<'_>>,
     key_weights: Option<&[f32]>,
+    step: LayerStep,
     layer: &LayerKv,
 ) -> Vec<u8> {
     let n = shape.values().expect("layer shape within MAX_VALUES");
@@ -286,7 +291,7 @@ pub fn encode_layer_weighted(
             quantize(&mut raw, *bits, &gather(&unrotated_keys(), keys));
             quantize(&mut raw, *bits, &gather(&layer.v, values));
         }
-        Layout::Transform { step, .. } => {
+        Layout::Transform { step: base, .. } => {
             let d = shape.head_dim;
             let per_head = shape.tokens * d;
             let k = unrotated_keys();
@@ -297,14 +302,14 @@ pub fn encode_layer_weighted(
                     .and_then(|w| w.get(h * (d / 2)..(h + 1) * (d / 2)))
                     .map(|pairs| channel_weights(pairs, d, neox));
                 let head = h * per_head..(h + 1) * per_head;
-                transform::encode(&mut raw, &k[head], d, *step, weights.as_deref());
+                transform::encode(&mut raw, &k[head], d, base * step.keys, weights.as_deref());
             }
             for h in 0..shape.kv_heads {
                 transform::encode(
                     &mut raw,
                     &layer.v[h * per_head..(h + 1) * per_head],
                     d,
-                    *step,
+                    base * step.values,
                     None,
                 );
             }
@@ -833,7 +838,8 @@ mod tests {
         let mut pairs = vec![1.0f32; 32];
         pairs[0] = 1000.0;
         let err_in_read_channels = |weights: Option<&[f32]>| {
-            let bytes = encode_layer_weighted(Codec::Pca2, shape, None, weights, &l);
+            let bytes =
+                encode_layer_weighted(Codec::Pca2, shape, None, weights, LayerStep::default(), &l);
             let d = decode_layer(Codec::Pca2, shape, None, &bytes).unwrap();
             (0..400)
                 .flat_map(|t| [t * 64, t * 64 + 32])
@@ -847,6 +853,41 @@ mod tests {
         assert!(
             weighted * 10.0 < plain,
             "weighted {weighted}, plain {plain}"
+        );
+    }
+
+    #[test]
+    fn layer_steps_trade_keys_against_values() {
+        let shape = KvShape {
+            kv_heads: 2,
+            tokens: 400,
+            head_dim: 64,
+        };
+        let l = layer(shape, 5);
+        let code = |keys, values| {
+            let bytes = encode_layer_weighted(
+                Codec::Pca4,
+                shape,
+                None,
+                None,
+                LayerStep { keys, values },
+                &l,
+            );
+            let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
+            let sq =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+            (bytes.len(), sq(&l.k, &d.k), sq(&l.v, &d.v))
+        };
+        let (even_bytes, even_k, even_v) = code(1.0, 1.0);
+        let (bytes, k, v) = code(4.0, 0.25);
+        assert!(
+            k > 4.0 * even_k && v * 4.0 < even_v,
+            "keys {even_k} → {k}, values {even_v} → {v}"
+        );
+        let (coarse_bytes, _, _) = code(4.0, 4.0);
+        assert!(
+            coarse_bytes * 2 < even_bytes && bytes > coarse_bytes,
+            "{coarse_bytes} {even_bytes} {bytes}"
         );
     }
 
@@ -938,7 +979,7 @@ mod tests {
             let shape = KvShape { kv_heads: 2, tokens, head_dim };
             let l = layer(shape, seed);
             let weights = vec![2.0f32; head_dim];
-            let bytes = encode_layer_weighted(Codec::Pca4, shape, None, Some(&weights), &l);
+            let bytes = encode_layer_weighted(Codec::Pca4, shape, None, Some(&weights), LayerStep::default(), &l);
             let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
             prop_assert_eq!(d.k.len(), l.k.len());
             // No value strays by more than the head's whole spread.

@@ -36,6 +36,8 @@ enum Command {
     Chat(ChatArgs),
     /// For a real context: wire bytes per token of each KV codec and its effect on the next tokens.
     CodecReport(CodecReportArgs),
+    /// Measure how much each layer's keys and values matter to a model, for per-layer steps in the `pca` codecs.
+    Calibrate(CalibrateArgs),
     /// Fit the alignment of a cloud LLM's context KV to an edge SLM: layer similarity, layer map, ridge projections.
     Align(AlignArgs),
     /// Score, on held-out text, what the SLM gets from the LLM's projected KV in each mode (perplexity, agreement).
@@ -111,6 +113,29 @@ struct CodecReportArgs {
     /// Only these codecs (repeatable; default: all).
     #[arg(long = "codec")]
     codecs: Vec<tandem_common::codec::Codec>,
+    /// Per-layer steps for the pca codecs: a `tandem calibrate` profile, or `uniform` (default: the model's
+    /// profile when it has one).
+    #[arg(long)]
+    steps_profile: Option<String>,
+}
+
+#[derive(Parser)]
+struct CalibrateArgs {
+    #[arg(long, default_value = "qwen-0.5b")]
+    model: String,
+    /// The context the questions are asked after (default: this project's ARCHITECTURE.md, so that
+    /// codec-report's default, the README, stays held out).
+    #[arg(long)]
+    context_file: Option<PathBuf>,
+    /// Context tokens used, from its start.
+    #[arg(long, default_value_t = 2400)]
+    context_tokens: usize,
+    /// Tokens scored per question and measurement.
+    #[arg(long, default_value_t = 48)]
+    steps: usize,
+    /// Where to write the profile (default: beside the model's weights, where servers find it).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -185,6 +210,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => tandem_cloud::run_server(*args, "tandem cloud"),
         Command::Chat(args) => chat(args),
         Command::CodecReport(args) => codec_report(args),
+        Command::Calibrate(args) => calibrate(args),
         Command::Auth(cmd) => tandem_cloud::auth_cli::run(cmd),
         Command::Align(args) => align(args),
         Command::Eval(args) => eval(args),
@@ -289,8 +315,15 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 /// A model by registry name or GGUF path, loaded on the default device.
 fn open_model(name: &str) -> Result<Engine> {
+    open_model_at(name).map(|(_, engine)| engine)
+}
+
+/// The model's weights file and the model.
+fn open_model_at(name: &str) -> Result<(PathBuf, Engine)> {
     let path = models::resolve(name)?;
-    Engine::open(&path, &default_device()).with_context(|| format!("loading {}", path.display()))
+    let engine = Engine::open(&path, &default_device())
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok((path, engine))
 }
 
 fn align(args: AlignArgs) -> Result<()> {
@@ -439,39 +472,50 @@ fn chat(args: ChatArgs) -> Result<()> {
 }
 
 fn codec_report(args: CodecReportArgs) -> Result<()> {
-    use tandem_common::quant::Precision;
-    let precision = match args.precision.as_str() {
-        "f32" => Precision::F32,
-        "q8" => Precision::Q8,
-        other => bail!("--precision is f32 or q8, not {other:?}"),
+    use tandem_cloud::kv_steps::{QUESTIONS, StepProfile};
+    let precision = parse_precision(&args.precision)?;
+    let (path, engine) = open_model_at(&args.model)?;
+    let text = read_context(
+        args.context_file.as_deref(),
+        include_str!("../../../README.md"),
+    )?;
+    let (profile, steps_from) = match args.steps_profile.as_deref() {
+        Some("uniform") => (None, "uniform".to_string()),
+        Some(file) => (
+            Some(StepProfile::load(std::path::Path::new(file), &engine)?),
+            file.to_string(),
+        ),
+        None => match StepProfile::load_for(&path, &engine)? {
+            Some(p) => {
+                let from = tandem_cloud::kv_steps::path_for(&path)
+                    .display()
+                    .to_string();
+                (Some(p), from)
+            }
+            None => (None, "uniform (the model has no calibrated profile)".into()),
+        },
     };
-    let engine = open_model(&args.model)?;
-    let text = match &args.context_file {
-        Some(f) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
-        }
-        None => include_str!("../../../README.md").to_string(),
-    };
-    let questions = [
-        "Summarise the context in two sentences.",
-        "What is the most important detail in the context?",
-        "Write one question a reader might ask about it.",
-    ];
     let codecs = if args.codecs.is_empty() {
         tandem_common::codec::Codec::ALL.to_vec()
     } else {
         args.codecs
     };
     eprintln!(
-        "measuring {} codecs on {} context tokens, {} questions × {} tokens, {:?} mat-muls …",
+        "measuring {} codecs on {} context tokens, {} questions × {} tokens, {:?} mat-muls; pca steps: {steps_from} …",
         codecs.len(),
         engine.tokenizer.context_tokens(&text)?.len(),
-        questions.len(),
+        QUESTIONS.len(),
         args.steps,
         precision
     );
     let rows = tandem_cloud::codec_report::codec_report(
-        &engine, &text, &questions, args.steps, precision, &codecs,
+        &engine,
+        &text,
+        &QUESTIONS,
+        args.steps,
+        precision,
+        &codecs,
+        profile.as_ref().map(|p| &p.scales),
     )?;
     println!(
         "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11} {:>11}",
@@ -498,4 +542,72 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn calibrate(args: CalibrateArgs) -> Result<()> {
+    use tandem_common::quant::Precision;
+    let (path, engine) = open_model_at(&args.model)?;
+    let text = read_context(
+        args.context_file.as_deref(),
+        include_str!("../../../ARCHITECTURE.md"),
+    )?;
+    let out = args
+        .out
+        .unwrap_or_else(|| tandem_cloud::kv_steps::path_for(&path));
+    let layers = engine.model.config().n_layers;
+    let mut tokens = engine.tokenizer.context_tokens(&text)?;
+    tokens.truncate(args.context_tokens);
+    eprintln!(
+        "calibrating {}: {} context tokens, {} questions × {} tokens, each layer's keys and values coded alone ({} runs) …",
+        args.model,
+        tokens.len(),
+        tandem_cloud::kv_steps::QUESTIONS.len(),
+        args.steps,
+        2 * layers
+    );
+    let bar = ProgressBar::new(2 * layers as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} runs, {elapsed} (eta {eta})")
+            .expect("a valid template"),
+    );
+    let profile = tandem_cloud::kv_steps::calibrate(
+        &engine,
+        &tokens,
+        &tandem_cloud::kv_steps::QUESTIONS,
+        args.steps,
+        Precision::F32,
+        &mut |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    println!("layer  keys: |Δ log p|  step ×   values: |Δ log p|  step ×");
+    for l in 0..layers {
+        println!(
+            "{l:>5} {:>17.4} {:>7.2} {:>19.4} {:>7.2}",
+            profile.key_sensitivity[l],
+            profile.scales.keys[l],
+            profile.value_sensitivity[l],
+            profile.scales.values[l]
+        );
+    }
+    profile
+        .save(&out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn parse_precision(name: &str) -> Result<tandem_common::quant::Precision> {
+    use tandem_common::quant::Precision;
+    match name {
+        "f32" => Ok(Precision::F32),
+        "q8" => Ok(Precision::Q8),
+        other => bail!("--precision is f32 or q8, not {other:?}"),
+    }
+}
+
+/// The text of `file`, else `default`.
+fn read_context(file: Option<&std::path::Path>, default: &str) -> Result<String> {
+    match file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())),
+        None => Ok(default.to_string()),
+    }
 }
