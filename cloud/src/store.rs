@@ -187,7 +187,12 @@ impl LruStore {
         match postcard::from_bytes::<ContextRecord>(&bytes) {
             Ok(r) if r.id == id && r.kv.validate().is_ok() => Some(StoredContext::new(r)),
             _ => {
-                tracing::warn!("ignoring corrupt spilled context {}", path.display());
+                // Removed, so the context's next spill writes it afresh (spills never overwrite).
+                tracing::warn!(
+                    "removing unreadable spilled context {} (corrupt, or from another version)",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
                 None
             }
         }
@@ -313,8 +318,10 @@ mod tests {
         assert_eq!(store.ids(), ["aa", "bb", "cc"]);
         let back = store.get("bb").expect("read back from disk");
         assert_eq!(back.record.kv.layers[0].v, vec![2.0; 100]);
+        // An unreadable spill (corrupt, or another version's format) is dropped, so the next one is written.
         std::fs::write(dir.join("dd.kv"), b"not a context").unwrap();
         assert!(store.get("dd").is_none());
+        assert!(!dir.join("dd.kv").exists());
         assert!(store.get("../etc/passwd").is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
