@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tandem_cloud::{App, ServeOptions, load_app, serve};
+use tandem_common::codec::Codec;
+use tandem_edge::chat::CloudContext;
 
 pub struct TestCloud {
     pub addr: SocketAddr,
@@ -53,6 +55,20 @@ impl TestCloud {
             "http"
         };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// How a native edge reaches context `id` of SmolLM2 here, in `codec` when given (else the cloud picks).
+    pub fn edge_context(&self, id: &str, codec: Option<Codec>) -> CloudContext {
+        CloudContext {
+            cloud_url: self.url(),
+            model: "smollm2".into(),
+            context: id.into(),
+            codec,
+            mode: Default::default(),
+            bandwidth_bps: None,
+            auth: None,
+            timeout: std::time::Duration::from_secs(30),
+        }
     }
 
     /// Registers `text` as a context of the default model; returns its id.

@@ -21,19 +21,6 @@ fast, because a cloud server hands it the KV cache of long shared context, compu
 layer by layer. The cloud runs a warp server; the edge runs in a browser tab or a wasmtime host. The project's \
 mascot is a pelican named Tandy, and its favourite number is 42.";
 
-fn cloud_context(cloud: &TestCloud, id: &str, codec: Option<Codec>) -> CloudContext {
-    CloudContext {
-        cloud_url: cloud.url(),
-        model: "smollm2".into(),
-        context: id.into(),
-        codec,
-        mode: Default::default(),
-        bandwidth_bps: None,
-        auth: None,
-        timeout: Duration::from_secs(30),
-    }
-}
-
 fn greedy(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
         max_tokens,
@@ -69,7 +56,7 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
     assert!(want.len() > 3);
 
     let remote = ContextSource {
-        cloud: Some(cloud_context(&cloud, &id, Some(Codec::Lossless))),
+        cloud: Some(cloud.edge_context(&id, Some(Codec::Lossless))),
         text: None,
     };
     let mut streamed = String::new();
@@ -88,11 +75,7 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
 
     // Unknown context on the cloud, text here: computed locally, same answer, and the reason says why.
     let unknown = ContextSource {
-        cloud: Some(cloud_context(
-            &cloud,
-            "00000000000000000000000000000000",
-            None,
-        )),
+        cloud: Some(cloud.edge_context("00000000000000000000000000000000", None)),
         text: Some(CONTEXT.into()),
     };
     let (got, st) = chat_turn(e, &unknown, &q, &opts, |_, _| {}).unwrap();
@@ -106,7 +89,7 @@ fn lossless_cloud_kv_equals_local_and_fallbacks_agree() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let mut gone = cloud_context(&cloud, &id, None);
+    let mut gone = cloud.edge_context(&id, None);
     gone.cloud_url = dead;
     let (got, st) = chat_turn(
         e,
@@ -239,7 +222,7 @@ fn a_slow_link_leaves_the_lowest_layers_to_the_edge() {
     let opts = greedy(24);
     let (want, _) = local_answer(&q, &opts);
 
-    let mut slow = cloud_context(&cloud, &id, Some(Codec::Lossless));
+    let mut slow = cloud.edge_context(&id, Some(Codec::Lossless));
     slow.bandwidth_bps = Some(100_000);
     let remote = |c: CloudContext| ContextSource {
         cloud: Some(c),
@@ -260,7 +243,7 @@ fn a_slow_link_leaves_the_lowest_layers_to_the_edge() {
         local_layers as u64
     );
 
-    let mut fast = cloud_context(&cloud, &id, Some(Codec::Lossless));
+    let mut fast = cloud.edge_context(&id, Some(Codec::Lossless));
     fast.bandwidth_bps = Some(100_000_000_000);
     let (got, st) = chat_turn(e, &remote(fast), &q, &opts, |_, _| {}).unwrap();
     assert_eq!((st.kv.local_layers, st.kv.layers), (0, n));
@@ -284,7 +267,7 @@ fn a_broken_stream_resumes_from_the_layer_it_broke_at() {
         Fault::Corrupt { at: 300_000 },
     ] {
         let relay = faults::relay(cloud.addr, fault);
-        let mut c = cloud_context(&cloud, &id, Some(Codec::Lossless));
+        let mut c = cloud.edge_context(&id, Some(Codec::Lossless));
         c.cloud_url = format!("http://{relay}");
         let remote = ContextSource {
             cloud: Some(c),
@@ -370,7 +353,9 @@ fn fetch_request(
 ) -> FetchRequest {
     FetchRequest {
         codecs,
-        ..cloud_context(cloud, id, codec).fetch_request(engine("smollm2"))
+        ..cloud
+            .edge_context(id, codec)
+            .fetch_request(engine("smollm2"))
     }
 }
 
@@ -582,7 +567,7 @@ fn user_messages_never_leave_the_edge() {
     let relay = capture::relay(cloud.addr);
     let e = engine("smollm2");
     let secret = "My bank password is hunter2, please remember Zanzibar";
-    let mut via = cloud_context(&cloud, &id, None);
+    let mut via = cloud.edge_context(&id, None);
     via.cloud_url = format!("http://{}", relay.addr);
     let (_, st) = chat_turn(
         e,

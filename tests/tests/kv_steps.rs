@@ -1,8 +1,6 @@
 //! Calibrated per-layer steps for the `pca` codecs: measured on real weights, written beside them, picked up by a
 //! server that loads those weights, decoded by an unchanged edge; a profile that does not fit is refused by name.
 
-use std::time::Duration;
-
 use tandem_cloud::ServeOptions;
 use tandem_cloud::kv_steps::{calibrate, path_for};
 use tandem_common::codec::Codec;
@@ -10,7 +8,7 @@ use tandem_common::engine::GenerateOptions;
 use tandem_common::models;
 use tandem_common::quant::Precision;
 use tandem_common::tokenizer::Message;
-use tandem_edge::chat::{CloudContext, ContextSource, chat_turn};
+use tandem_edge::chat::{ContextSource, chat_turn};
 use tandem_tests::cloud::TestCloud;
 use tandem_tests::engine;
 
@@ -80,16 +78,7 @@ fn calibrated_steps_are_measured_saved_and_served() {
 
     // An edge reads the calibrated encoding like any other.
     let source = ContextSource {
-        cloud: Some(CloudContext {
-            cloud_url: calibrated.url(),
-            model: "smollm2".into(),
-            context: id.clone(),
-            codec: Some(Codec::Pca2),
-            mode: Default::default(),
-            bandwidth_bps: None,
-            auth: None,
-            timeout: Duration::from_secs(30),
-        }),
+        cloud: Some(calibrated.edge_context(&id, Some(Codec::Pca2))),
         text: None,
     };
     let opts = GenerateOptions {
