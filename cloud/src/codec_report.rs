@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use tandem_common::codec::{
-    Codec, KvShape, LayerStep, RopeParams, Rotary, StepScales, decode_layer, encode_layer_weighted,
+    Codec, LayerStep, RopeParams, Rotary, StepScales, decode_layer, encode_layer_weighted,
 };
 use tandem_common::engine::{Engine, EngineError};
 use tandem_common::kv::{KvState, LayerKv};
@@ -42,7 +42,8 @@ pub fn codec_report(
 ) -> Result<Vec<CodecRow>, EngineError> {
     let tokens = engine.tokenizer.context_tokens(context)?;
     let probe = Probe::new(engine, &tokens, questions, steps, precision)?;
-    let f16_bytes = (probe.exact.layers.len() * 2 * probe.shape().values().unwrap_or(0) * 2) as f64;
+    let f16_bytes =
+        (probe.exact.layers.len() * 2 * probe.exact.shape().values().unwrap_or(0) * 2) as f64;
     let mut rows = Vec::new();
     for &codec in codecs {
         let t = Instant::now();
@@ -123,14 +124,6 @@ impl<'e> Probe<'e> {
         })
     }
 
-    pub fn shape(&self) -> KvShape {
-        KvShape {
-            kv_heads: self.exact.kv_heads,
-            tokens: self.exact.len(),
-            head_dim: self.exact.head_dim,
-        }
-    }
-
     fn rotary(&self) -> Rotary<'_> {
         RopeParams::of(self.engine.model.config()).at(&self.exact.positions)
     }
@@ -140,7 +133,7 @@ impl<'e> Probe<'e> {
         let w = self.energy.layers.get(l).map(Vec::as_slice);
         encode_layer_weighted(
             codec,
-            self.shape(),
+            self.exact.shape(),
             Some(self.rotary()),
             w,
             step,
@@ -149,7 +142,8 @@ impl<'e> Probe<'e> {
     }
 
     pub fn decode(&self, codec: Codec, bytes: &[u8]) -> LayerKv {
-        decode_layer(codec, self.shape(), Some(self.rotary()), bytes).expect("own encoding decodes")
+        decode_layer(codec, self.exact.shape(), Some(self.rotary()), bytes)
+            .expect("own encoding decodes")
     }
 
     /// Tokens each [`score`](Self::score) compares.

@@ -64,12 +64,7 @@ impl StoredContext {
     }
 
     pub fn shape(&self) -> KvShape {
-        let kv = &self.record.kv;
-        KvShape {
-            kv_heads: kv.kv_heads,
-            tokens: kv.len(),
-            head_dim: kv.head_dim,
-        }
+        self.record.kv.shape()
     }
 
     /// Resident size: the f32 K and V of every layer.

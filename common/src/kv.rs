@@ -52,6 +52,15 @@ impl KvState {
         self.tokens.len()
     }
 
+    /// The shape of each layer's K (and V), as the codec takes it.
+    pub fn shape(&self) -> crate::codec::KvShape {
+        crate::codec::KvShape {
+            kv_heads: self.kv_heads,
+            tokens: self.len(),
+            head_dim: self.head_dim,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }

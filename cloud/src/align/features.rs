@@ -31,7 +31,7 @@ pub fn head_major(rows: &DMatrix<f32>, kv_heads: usize, head_dim: usize) -> Vec<
 pub fn layer_rows(kv: &KvState, layer: usize, rope: RopeParams) -> (DMatrix<f32>, DMatrix<f32>) {
     let LayerKv { k, v } = &kv.layers[layer];
     let mut k = k.clone();
-    rope.at(&kv.positions).apply(&mut k, shape(kv), true);
+    rope.at(&kv.positions).apply(&mut k, kv.shape(), true);
     (
         token_rows(&k, kv.kv_heads, kv.len(), kv.head_dim),
         token_rows(v, kv.kv_heads, kv.len(), kv.head_dim),
@@ -57,14 +57,6 @@ pub fn layer_from_rows(
     LayerKv {
         k: keys,
         v: head_major(v, kv_heads, head_dim),
-    }
-}
-
-fn shape(kv: &KvState) -> KvShape {
-    KvShape {
-        kv_heads: kv.kv_heads,
-        tokens: kv.len(),
-        head_dim: kv.head_dim,
     }
 }
 
