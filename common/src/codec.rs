@@ -5,7 +5,7 @@
 //! [`GROUP`] values with an f16 minimum and step, codes bit-packed at 8, 4 or 2 bits. Float codecs
 //! (`lossless` = the exact f32 bits, `f16`) split the numbers into byte planes, which compress far better.
 //! The `pca` codecs code each head by transform coding instead ([`transform`]): principal axes, one rounding
-//! step, axes without a code dropped. Everything is then brotli-compressed.
+//! step, axes without a code dropped, codes entropy-coded. Everything is then brotli-compressed.
 //!
 //! ```
 //! use tandem_common::codec::{Codec, KvShape, decode_layer, encode_layer};
@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kv::LayerKv;
 
+mod entropy;
 mod steps;
 mod transform;
 
@@ -450,11 +451,16 @@ impl Layout {
             Layout::Quantized { bits, keys, values } => {
                 quantized_len(*bits, keys) + quantized_len(*bits, values)
             }
-            // Per block: step, kind, five length prefixes, mean and a full basis; per value: a 5-byte code, or 2
-            // bytes as an outlier row plus up to 5 for its gap.
+            // Per block: step, kind, eight length prefixes, the stream's last words, mean, a full basis, and per
+            // axis a radius and a histogram of 5-byte counts; per value: up to 3 bytes of stream and a 5-byte
+            // escape, or 2 bytes as an outlier row plus up to 5 for its gap.
             Layout::Transform {
                 blocks, head_dim, ..
-            } => blocks * (30 + 4 * head_dim + 2 * head_dim * head_dim) + 2 * 7 * n,
+            } => {
+                let histogram = 5 + 5 * (2 * entropy::MAX_RADIUS as usize + 2);
+                blocks * (60 + 4 * head_dim + 2 * head_dim * head_dim + head_dim * histogram)
+                    + 2 * 8 * n
+            }
         }
     }
 }

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: the `pca` codecs range-code their codes (their chunks changed).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest message either side accepts.
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 

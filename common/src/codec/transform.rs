@@ -4,13 +4,13 @@
 //! scaled by how strongly the model's queries read it, when the encoder knows ([`QueryEnergy`]), since an error in
 //! a channel no query looks at changes no attention weight. Every coordinate is then rounded to one step (a share of
 //! the head's RMS): axes whose codes are all zero are dropped, so the low-rank reduction follows from the step, and
-//! the small integer codes, axis by axis, are left to brotli. Unlike fixed-width groups, an outlier (an attention
+//! the small integer codes are entropy-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an attention
 //! sink's key) costs only its own longer codes, never a coarser step for its neighbours.
 //!
 //! Heads with fewer than 4 tokens per channel keep their channels as axes (a basis would cost more than it saves).
 //!
 //! Each head travels as a postcard [`Block`]: step, kind of axes, outlier tokens and their f16 rows, the others'
-//! mean, the reconstruction basis (f16: the decoder needs no eigen-solver and no weights), their codes.
+//! mean, the reconstruction basis (f16: the decoder needs no eigen-solver and no weights), their coded codes.
 //!
 //! [`QueryEnergy`]: crate::model::QueryEnergy
 
@@ -18,7 +18,7 @@ use half::f16;
 use nalgebra::{DMatrix, SymmetricEigen};
 use serde::{Deserialize, Serialize};
 
-use super::CodecError;
+use super::{CodecError, entropy};
 
 /// Appends the block for `x: [tokens][d]`; `weights` (one per channel, > 0) say how much an error in each counts.
 pub(super) fn encode(
@@ -80,6 +80,14 @@ pub(super) fn encode(
         None => coords.columns(0, rank).into_owned(),
     };
 
+    let codes: Vec<i32> = (0..rank)
+        .flat_map(|k| (0..inliers.len()).map(move |r| (k, r)))
+        .map(|(k, r)| {
+            (coords[(r, k)] / step)
+                .round()
+                .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32
+        })
+        .collect();
     let mut last = 0;
     let block = Block {
         step: step as f32,
@@ -103,19 +111,12 @@ pub(super) fn encode(
                 .map(|k| f16::from_f64(basis[(k, k)]).to_le_bytes())
                 .collect(),
         },
-        codes: (0..rank)
-            .flat_map(|k| (0..inliers.len()).map(move |r| (k, r)))
-            .map(|(k, r)| {
-                (coords[(r, k)] / step)
-                    .round()
-                    .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32
-            })
-            .collect(),
+        codes: entropy::encode(&codes, rank),
     };
     out.extend(postcard::to_allocvec(&block).expect("a block serialises"));
 }
 
-/// One head's keys or values as they travel (postcard: the codes become zigzag varints).
+/// One head's keys or values as they travel (postcard).
 #[derive(Serialize, Deserialize)]
 struct Block {
     /// The rounding step of every axis.
@@ -131,7 +132,7 @@ struct Block {
     /// The reconstruction basis, f16, axis by axis: d × rank, or rank scales for channel axes.
     basis: Vec<[u8; 2]>,
     /// The other tokens' codes, axis by axis.
-    codes: Vec<i32>,
+    codes: entropy::CodedAxes,
 }
 
 /// Tokens far from the rest (attention sinks: their keys and values are often many times the others' size), sent
@@ -209,17 +210,17 @@ pub(super) fn decode(raw: &mut &[u8], tokens: usize, d: usize) -> Result<Vec<f32
             "outlier row values",
         ),
         (block.mean.len(), d, "mean values"),
-        (block.codes.len(), rank * inliers.len(), "codes"),
     ];
     if let Some((found, want, what)) = sizes.into_iter().find(|(f, w, _)| f != w) {
         return Err(bad(format!("{found} {what}, {want} expected")));
     }
+    let codes = entropy::decode(&block.codes, rank, inliers.len())?;
     let basis = f16s(&block.basis);
     let mut x: Vec<f32> = (0..tokens)
         .flat_map(|_| block.mean.iter().copied())
         .collect();
     for k in 0..rank {
-        for (&t, &q) in inliers.iter().zip(&block.codes[k * inliers.len()..]) {
+        for (&t, &q) in inliers.iter().zip(&codes[k * inliers.len()..]) {
             if q == 0 {
                 continue;
             }
