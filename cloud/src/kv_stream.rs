@@ -482,10 +482,11 @@ fn layer_bits(ctx: &StoredContext, codec: Codec) -> f64 {
         Codec::Q8 => 9.0,
         Codec::Q4 => 5.0,
         Codec::Q2 => 3.0,
-        // Measured after brotli on real contexts (`tandem codec-report`): their size depends on the data.
+        // Measured on real contexts (`tandem codec-report`): their size depends on the data.
         Codec::Pca8 => 4.0,
-        Codec::Pca4 => 2.8,
-        Codec::Pca2 => 1.9,
+        Codec::Pca4 => 2.4,
+        Codec::Pca3 => 2.0,
+        Codec::Pca2 => 1.6,
     };
     2.0 * ctx.shape().values().unwrap_or(0) as f64 * bits_per_value
 }

@@ -417,7 +417,7 @@ fn transform_codecs_beat_fixed_width_groups_on_long_contexts() {
         // Every codec below f16, in `Codec::ALL`'s order.
         &Codec::ALL[2..],
     );
-    let [q8, pca8, q4, pca4, pca2, q2] = rates[..] else {
+    let [q8, pca8, q4, pca4, pca3, pca2, q2] = rates[..] else {
         unreachable!()
     };
     assert!(
@@ -431,6 +431,10 @@ fn transform_codecs_beat_fixed_width_groups_on_long_contexts() {
     assert!(
         pca2.1 < q2.1 && pca2.0 >= q2.0,
         "pca2 {pca2:?} vs q2 {q2:?}"
+    );
+    assert!(
+        pca2.1 < pca3.1 && pca3.1 < pca4.1,
+        "pca3 {pca3:?} between pca4 {pca4:?} and pca2 {pca2:?}"
     );
 }
 

@@ -76,7 +76,7 @@ export interface ChatMessage {
 export interface ContextRef {
   id?: string;
   text?: string;
-  /// A KV codec to insist on (`lossless`, `f16`, `q8`, `pca8`, `q4`, `pca4`, `pca2`, `q2`); the cloud picks by bandwidth otherwise.
+  /// A KV codec to insist on (`lossless`, `f16`, `q8`, `pca8`, `q4`, `pca4`, `pca3`, `pca2`, `q2`); the cloud picks by bandwidth otherwise.
   codec?: string;
   /// `exact` (default: the edge model's own KV), `split:K` (the K lowest layers computed here, the rest the cloud
   /// LLM's KV projected) or `fused` (own KV plus the projected, gated); projected modes need a cloud with an alignment.

@@ -151,6 +151,7 @@ fn main() {
         Some(Codec::Pca8),
         Some(Codec::Q4),
         Some(Codec::Pca4),
+        Some(Codec::Pca3),
         Some(Codec::Pca2),
         Some(Codec::Q2),
     ] {
