@@ -182,9 +182,16 @@ mod tests {
         c.stream.pop();
         assert!(decode(&c, 2, 32).is_err());
         assert!(decode(&good(), 3, 32).is_err());
-        // Garbage words decode to some codes or an error, never a panic.
-        let mut c = good();
-        c.stream.iter_mut().for_each(|b| *b = b.wrapping_mul(31) ^ 0x5a);
-        let _ = decode(&c, 2, 32);
+        // Corrupted words decode to some codes or an error, never a panic.
+        for seed in 0..500u32 {
+            let mut c = good();
+            let n = c.stream.len();
+            let at = (seed as usize * 7) % n;
+            c.stream[at] ^= (seed % 255 + 1) as u8;
+            if seed % 3 == 0 {
+                c.stream.truncate(n - 4 * (seed as usize % (n / 4)));
+            }
+            let _ = decode(&c, 2, 32);
+        }
     }
 }

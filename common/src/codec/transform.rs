@@ -4,13 +4,13 @@
 //! scaled by how strongly the model's queries read it, when the encoder knows ([`QueryEnergy`]), since an error in
 //! a channel no query looks at changes no attention weight. Every coordinate is then rounded to one step (a share of
 //! the head's RMS): axes whose codes are all zero are dropped, so the low-rank reduction follows from the step, and
-//! the small integer codes are entropy-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an attention
-//! sink's key) costs only its own longer codes, never a coarser step for its neighbours.
+//! the small integer codes are range-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an
+//! attention sink's key) costs only its own longer codes, never a coarser step for its neighbours.
 //!
 //! Heads with fewer than 4 tokens per channel keep their channels as axes (a basis would cost more than it saves).
 //!
 //! Each head travels as a postcard [`Block`]: step, kind of axes, outlier tokens and their f16 rows, the others'
-//! mean, the reconstruction basis (f16: the decoder needs no eigen-solver and no weights), their coded codes.
+//! mean, the reconstruction basis (f16: the decoder needs no eigen-solver and no weights), their range-coded codes.
 //!
 //! [`QueryEnergy`]: crate::model::QueryEnergy
 
