@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// Serve these static files (the chat page) at /.
     #[arg(long)]
     pub static_dir: Option<PathBuf>,
-    /// The least faithful KV codec the server picks by itself (lossless, f16, q8, pca8, q4, pca4, pca2, q2).
+    /// The least faithful KV codec the server picks by itself (lossless, f16, q8, pca8, q4, pca4, pca3, pca2, q2).
     #[arg(long, default_value = "q8")]
     pub quality_floor: tandem_common::codec::Codec,
     /// Pull contexts this server does not hold from this cloud and keep them: a KV cache for nearby edges.

@@ -5,7 +5,7 @@
 //! [`GROUP`] values with an f16 minimum and step, codes bit-packed at 8, 4 or 2 bits. Float codecs
 //! (`lossless` = the exact f32 bits, `f16`) split the numbers into byte planes, which compress far better.
 //! The `pca` codecs code each head by transform coding instead ([`transform`]): principal axes, one rounding
-//! step, axes without a code dropped, codes entropy-coded. Everything is then brotli-compressed.
+//! step, axes without a code dropped, codes range-coded. Everything is then brotli-compressed.
 //!
 //! ```
 //! use tandem_common::codec::{Codec, KvShape, decode_layer, encode_layer};

@@ -154,7 +154,7 @@ struct ChatArgs {
     model: String,
     #[arg(long)]
     prompt: String,
-    /// Insist on a KV codec (lossless, f16, q8, pca8, q4, pca4, pca2, q2); by default the cloud picks.
+    /// Insist on a KV codec (lossless, f16, q8, pca8, q4, pca4, pca3, pca2, q2); by default the cloud picks.
     #[arg(long)]
     codec: Option<tandem_common::codec::Codec>,
     /// Whose reading of the context: exact (the edge model's own KV), split:K (K lowest layers computed here, the
