@@ -461,9 +461,9 @@ impl Layout {
             Layout::Quantized { bits, keys, values } => {
                 quantized_len(*bits, keys) + quantized_len(*bits, values)
             }
-            // Per block: step, kind, eight length prefixes, the stream's last words, mean, a full basis, and per
-            // axis a radius and a histogram of 5-byte counts; per value: up to 3 bytes of stream and a 5-byte
-            // escape, or 2 bytes as an outlier row plus up to 5 for its gap.
+            // Per block: step, kind, eight length prefixes, the range coder's 5 flushed bytes, mean, a full basis,
+            // and per axis a radius and a histogram of 5-byte counts; per value: up to 3 bytes of stream (2 at
+            // 16-bit precision) and a 5-byte escape, or 2 bytes as an outlier row plus up to 5 for its gap.
             Layout::Transform {
                 blocks, head_dim, ..
             } => {
@@ -726,7 +726,13 @@ mod tests {
         let l = layer(shape, 3);
         for family in [
             &[Codec::Lossless, Codec::F16, Codec::Q8, Codec::Q4, Codec::Q2][..],
-            &[Codec::Q8, Codec::Pca8, Codec::Pca4, Codec::Pca3, Codec::Pca2],
+            &[
+                Codec::Q8,
+                Codec::Pca8,
+                Codec::Pca4,
+                Codec::Pca3,
+                Codec::Pca2,
+            ],
         ] {
             let sizes: Vec<usize> = family
                 .iter()
