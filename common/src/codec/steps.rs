@@ -1,8 +1,8 @@
 //! Per-layer rounding steps for the transform (`pca`) codecs, from how much each layer's keys and values matter.
 //!
 //! One step for every layer spends bits evenly, but layers are not equal: coding a single layer of
-//! Qwen2.5-Coder-0.5B at twice pca2's step moves the next tokens' log probabilities a hundred times more in one layer
-//! than in another. At a given size the error hurts least when a bit buys the same reduction of the damage in every
+//! Qwen2.5-Coder-0.5B with pca2 moves the next tokens' log probabilities eighty times more in one layer than in
+//! another. At a given size the error hurts least when a bit buys the same reduction of the damage in every
 //! tensor. With damage ≈ aᵢ·Δᵢ² (KL, for small errors) and bits ≈ −log Δᵢ per value, that is aᵢ·Δᵢ² equal for all,
 //! so Δᵢ ∝ 1/√aᵢ; the measured sensitivity sᵢ (mean |Δ log p| with tensor i alone coded) grows like √aᵢ·Δ, hence
 //! steps ∝ 1/sᵢ. The scales keep a geometric mean of 1, so a codec's size stays about where its uniform step puts it.
