@@ -28,10 +28,10 @@ pub struct StepProfile {
     pub scales: StepScales,
 }
 
-/// The codec and step multiplier each tensor is coded with while its sensitivity is measured: pca2 as it is, near
-/// the steps the profile is used at. Damage measured far coarser ranks layers differently (on Qwen2.5-Coder-0.5B,
-/// a profile probed at twice pca2's step left pca3 with a mean |Δ log p| of 0.029 on the README, this one 0.019).
-const PROBE: (Codec, f64) = (Codec::Pca2, 1.0);
+/// The codec each tensor is coded with while its sensitivity is measured, at its own step: near the steps the
+/// profile is used at. Damage measured far coarser ranks layers differently (on Qwen2.5-Coder-0.5B, a profile
+/// probed at twice pca2's step left pca3 with a mean |Δ log p| of 0.029 on the README, this one 0.019).
+const PROBE: Codec = Codec::Pca2;
 
 /// Questions asked after the calibration context.
 pub const QUESTIONS: [&str; 3] = [
@@ -62,11 +62,7 @@ pub fn calibrate(
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     let mut done = 0;
     for l in 0..layers {
-        let step = LayerStep {
-            keys: PROBE.1,
-            values: PROBE.1,
-        };
-        let coded = probe.decode(PROBE.0, &probe.encode(PROBE.0, l, step));
+        let coded = probe.decode(PROBE, &probe.encode(PROBE, l, LayerStep::default()));
         for (keys_coded, out) in [(true, &mut keys), (false, &mut values)] {
             let mut kv = probe.exact.clone();
             match keys_coded {

@@ -396,9 +396,8 @@ fn quantized_codecs_agree_with_exact_kv() {
 }
 
 /// Transform coding against fixed-width groups, on a long context (an early version of this project's README,
-/// frozen so the README can change), where a head's basis is
-/// paid for by 2,000 tokens: pca8 as faithful as q8 in under 0.7 of its bytes, pca4 about as faithful as q4 and pca2
-/// at least as faithful as q2, each in fewer bytes.
+/// frozen so the README can change), where a head's basis is paid for by 2,000 tokens: pca8 as faithful as q8 in
+/// under 0.7 of its bytes, pca4 about as faithful as q4 and pca2 at least as faithful as q2, each in fewer bytes.
 #[test]
 fn transform_codecs_beat_fixed_width_groups_on_long_contexts() {
     let cloud = TestCloud::start(ServeOptions::default());
