@@ -4,8 +4,9 @@
 //! tokens; rotary outlier channels would ruin a per-token scale) and **values per token**, each group of
 //! [`GROUP`] values with an f16 minimum and step, codes bit-packed at 8, 4 or 2 bits. Float codecs
 //! (`lossless` = the exact f32 bits, `f16`) split the numbers into byte planes, which compress far better.
-//! The `pca` codecs code each head by transform coding instead ([`transform`]): principal axes, one rounding
-//! step, axes without a code dropped, codes range-coded. Everything is then brotli-compressed.
+//! The `pca` codecs code the layer by transform coding instead ([`transform`]): principal axes over every head's
+//! keys and values at once, each tensor rounded to its own step, axes without a code dropped, codes range-coded.
+//! Everything is then brotli-compressed.
 //!
 //! ```
 //! use tandem_common::codec::{Codec, KvShape, decode_layer, encode_layer};
@@ -307,22 +308,27 @@ pub fn encode_layer_weighted(
             let per_head = shape.tokens * d;
             let k = unrotated_keys();
             let neox = rotary.is_none_or(|r| r.neox);
-            for h in 0..shape.kv_heads {
-                let weights = key_weights
+            let keys = (0..shape.kv_heads).map(|h| transform::Part {
+                x: &k[h * per_head..(h + 1) * per_head],
+                rel_step: base * step.keys,
+                weights: key_weights
                     .filter(|_| d >= 2)
                     .and_then(|w| w.get(h * (d / 2)..(h + 1) * (d / 2)))
-                    .map(|pairs| channel_weights(pairs, d, neox));
-                let head = h * per_head..(h + 1) * per_head;
-                transform::encode(&mut raw, &k[head], d, base * step.keys, weights.as_deref());
-            }
-            for h in 0..shape.kv_heads {
-                transform::encode(
-                    &mut raw,
-                    &layer.v[h * per_head..(h + 1) * per_head],
-                    d,
-                    base * step.values,
-                    None,
-                );
+                    .map(|pairs| channel_weights(pairs, d, neox)),
+            });
+            let values = (0..shape.kv_heads).map(|h| transform::Part {
+                x: &layer.v[h * per_head..(h + 1) * per_head],
+                rel_step: base * step.values,
+                weights: None,
+            });
+            let parts: Vec<_> = keys.chain(values).collect();
+            match transform::joint(parts.len(), shape.tokens, d) {
+                true => transform::encode(&mut raw, &parts, shape.tokens, d),
+                false => {
+                    for part in parts.chunks(1) {
+                        transform::encode(&mut raw, part, shape.tokens, d);
+                    }
+                }
             }
         }
     }
@@ -391,14 +397,19 @@ pub fn decode_layer(
         }
         Layout::Transform { .. } => {
             let mut rest = &raw[..];
-            let mut heads = || -> Result<Vec<f32>, CodecError> {
-                let mut x = Vec::with_capacity(n);
-                for _ in 0..shape.kv_heads {
-                    x.extend(transform::decode(&mut rest, shape.tokens, shape.head_dim)?);
+            let (parts, d) = (2 * shape.kv_heads, shape.head_dim);
+            let x = match transform::joint(parts, shape.tokens, d) {
+                true => transform::decode(&mut rest, parts, shape.tokens, d)?,
+                false => {
+                    let mut x = Vec::with_capacity(n * 2);
+                    for _ in 0..parts {
+                        x.extend(transform::decode(&mut rest, 1, shape.tokens, d)?);
+                    }
+                    x
                 }
-                Ok(x)
             };
-            let (mut k, v) = (heads()?, heads()?);
+            let mut k = x;
+            let v = k.split_off(n);
             if !rest.is_empty() {
                 return Err(CodecError::Malformed(format!(
                     "{} bytes after the last head",
@@ -416,8 +427,8 @@ pub fn decode_layer(
 }
 
 /// How a codec lays a layer out before brotli: K and V as byte planes of `width`-byte floats, quantized codes
-/// by groups, or transform-coded heads (keys first, rotary taken off) with a rounding `step` relative to each
-/// head's RMS.
+/// by groups, or transform-coded heads (keys first, rotary taken off; together or one by one, see
+/// [`transform::joint`]) with a rounding `step` relative to each head's RMS.
 enum Layout {
     Planes {
         width: usize,
@@ -429,8 +440,8 @@ enum Layout {
     },
     Transform {
         step: f64,
-        /// Head blocks (keys' and values') and their width.
-        blocks: usize,
+        /// Tensors coded (each head's keys and values) and their width.
+        parts: usize,
         head_dim: usize,
     },
 }
@@ -445,7 +456,7 @@ impl Layout {
             },
             (_, Some(step)) => Layout::Transform {
                 step,
-                blocks: 2 * shape.kv_heads,
+                parts: 2 * shape.kv_heads,
                 head_dim: shape.head_dim,
             },
             _ if codec == Codec::F16 => Layout::Planes { width: 2 },
@@ -461,15 +472,16 @@ impl Layout {
             Layout::Quantized { bits, keys, values } => {
                 quantized_len(*bits, keys) + quantized_len(*bits, values)
             }
-            // Per block: step, kind, eight length prefixes, the range coder's 5 flushed bytes, mean, a full basis,
-            // and per axis a radius and a histogram of 5-byte counts; per value: up to 3 bytes of stream (2 at
-            // 16-bit precision) and a 5-byte escape, or 2 bytes as an outlier row plus up to 5 for its gap.
+            // Per block of width W: W channel scales, steps and means, eight length prefixes, the range coder's 5
+            // flushed bytes, a full basis of 5-byte integers, and per axis a radius and a histogram of 5-byte
+            // counts; per value: up to 3 bytes of stream (2 at 16-bit precision) and a 5-byte escape, or 2 bytes as
+            // an outlier row plus up to 5 for its gap. Bounded for both groupings: one joint block, or one per part.
             Layout::Transform {
-                blocks, head_dim, ..
+                parts, head_dim, ..
             } => {
                 let histogram = 5 + 5 * (2 * entropy::MAX_RADIUS as usize + 2);
-                blocks * (60 + 4 * head_dim + 2 * head_dim * head_dim + head_dim * histogram)
-                    + 2 * 8 * n
+                let block = |w: usize| 60 + 12 * w + 5 * w * w + w * histogram;
+                block(parts * head_dim) + parts * block(*head_dim) + 2 * 8 * n
             }
         }
     }
@@ -816,6 +828,49 @@ mod tests {
         );
         let d = decode_layer(Codec::Pca2, shape, None, &pca).unwrap();
         assert!(relative_rms_error(&l.k, &d.k) < 0.4);
+    }
+
+    #[test]
+    fn heads_projected_from_one_state_share_its_bits() {
+        // K and V of both heads mix one 8-value state per token (as the model's projections of one hidden state
+        // do): coded together, the layer's codes and basis cost what one head's would; with a state per head (so
+        // nothing to share), four times that. The means and the sinks' rows cost both the same.
+        let shape = KvShape {
+            kv_heads: 2,
+            tokens: 1200,
+            head_dim: 64,
+        };
+        let noise = layer(shape, 8);
+        let project = |state: &dyn Fn(usize, usize) -> f32, part: usize| -> Vec<f32> {
+            (0..shape.tokens * 64)
+                .map(|i| {
+                    let (t, c) = (i / 64, i % 64);
+                    (0..8)
+                        .map(|j| state(t, j) * ((c * (j + 1) + 7 * part) as f32).sin())
+                        .sum()
+                })
+                .collect()
+        };
+        let layer_of = |state: &dyn Fn(usize, usize, usize) -> f32| {
+            let part = |p: usize| project(&|t, j| state(p, t, j), p);
+            LayerKv {
+                k: [part(0), part(1)].concat(),
+                v: [part(2), part(3)].concat(),
+            }
+        };
+        let shared = layer_of(&|_, t, j| noise.k[t * 64 + j]);
+        let separate = layer_of(&|p, t, j| noise.k[t * 64 + 8 * p + j]);
+        let size = |l: &LayerKv| {
+            let bytes = encode_layer(Codec::Pca4, shape, None, l);
+            let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
+            assert!(relative_rms_error(&l.k, &d.k) < 0.2 && relative_rms_error(&l.v, &d.v) < 0.2);
+            bytes.len()
+        };
+        let (shared, separate) = (size(&shared), size(&separate));
+        assert!(
+            shared * 2 < separate,
+            "one state {shared} bytes, one per head {separate}"
+        );
     }
 
     #[test]

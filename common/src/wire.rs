@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 
-/// 4: the `pca` codecs range-code their codes (their chunks changed).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: the `pca` codecs code a layer's heads on one basis (their chunks changed); 4: they range-code their codes.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest message either side accepts.
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 

@@ -1,16 +1,23 @@
-//! Transform coding of one KV head's keys or values (the `pca` codecs).
+//! Transform coding of one layer's keys and values (the `pca` codecs).
 //!
-//! The tokens' vectors are centred and turned onto their principal axes — in a space where each key channel is
-//! scaled by how strongly the model's queries read it, when the encoder knows ([`QueryEnergy`]), since an error in
-//! a channel no query looks at changes no attention weight. Every coordinate is then rounded to one step (a share of
-//! the head's RMS): axes whose codes are all zero are dropped, so the low-rank reduction follows from the step, and
-//! the small integer codes are range-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an
-//! attention sink's key) costs only its own longer codes, never a coarser step for its neighbours.
+//! The layer's tensors — each KV head's keys and values, the [`Part`]s — are coded together: K and V of every
+//! head are projections of the same hidden state, so one principal basis over all of them needs about a fifth
+//! fewer bits than a basis per head. Each part is first scaled so that one unit is its own rounding step (a share
+//! of its RMS) — and a key channel by how strongly the model's queries read it, when the encoder knows
+//! ([`QueryEnergy`]), since an error in a channel no query looks at changes no attention weight. The tokens' rows
+//! are then centred and turned onto their principal axes, and every coordinate is rounded to a whole unit: axes
+//! whose codes are all zero are dropped, so the low-rank reduction follows from the steps, and the small integer
+//! codes are range-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an attention sink's
+//! key) costs only its own row, never a coarser step for its neighbours.
 //!
-//! Heads with fewer than 4 tokens per channel keep their channels as axes (a basis would cost more than it saves).
+//! The basis travels as integers, each axis rounded to its own step: an axis the tokens' codes spread far along
+//! needs a precise direction, one barely above the rounding step a coarse one ([`BASIS_ERROR`]).
 //!
-//! Each head travels as a postcard [`Block`]: step, kind of axes, outlier tokens and their f16 rows, the others'
-//! mean, the reconstruction basis (f16: the decoder needs no eigen-solver and no weights), their range-coded codes.
+//! Too few tokens for a joint basis ([`joint`]) and each part is coded alone; fewer than 4 tokens per channel and
+//! a part keeps its channels as axes (a basis would cost more than it saves).
+//!
+//! Each group travels as a postcard [`Block`]: channel scales, axes, outlier tokens and their f16 rows, the
+//! others' mean, their range-coded codes. The decoder needs no eigen-solver and no weights.
 //!
 //! [`QueryEnergy`]: crate::model::QueryEnergy
 
@@ -20,137 +27,227 @@ use serde::{Deserialize, Serialize};
 
 use super::{CodecError, entropy};
 
-/// Appends the block for `x: [tokens][d]`; `weights` (one per channel, > 0) say how much an error in each counts.
-pub(super) fn encode(
-    out: &mut Vec<u8>,
-    x: &[f32],
-    d: usize,
-    rel_step: f64,
-    weights: Option<&[f32]>,
-) {
-    let tokens = if d == 0 { 0 } else { x.len() / d };
-    let scale = channel_scales(weights, d);
-    let row = |t: usize| &x[t * d..(t + 1) * d];
-    let outliers = outliers(x, d, &scale);
+/// One tensor of a layer: `[tokens][d]` values, rounded to `rel_step` of their RMS; `weights` (one per channel,
+/// > 0) say how much an error in each channel counts.
+pub(super) struct Part<'a> {
+    pub x: &'a [f32],
+    pub rel_step: f64,
+    pub weights: Option<Vec<f32>>,
+}
+
+/// Whether `parts` parts of `tokens` × `d` are coded as one group (else each alone): when the tokens are enough
+/// for a basis over all their channels.
+pub(super) fn joint(parts: usize, tokens: usize, d: usize) -> bool {
+    parts > 1 && tokens >= PRINCIPAL_TOKENS_PER_CHANNEL * parts * d
+}
+
+/// Appends the block coding `parts` (each `tokens` × `d`) together.
+pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], tokens: usize, d: usize) {
+    let width = parts.len() * d;
+    let at = |t: usize, j: usize| parts[j / d].x[t * d + j % d] as f64;
+    let weight_scale: Vec<f64> = parts
+        .iter()
+        .flat_map(|p| channel_scales(p.weights.as_deref(), d))
+        .collect();
+    // Outliers by their distance from the mean, each part counted relative to its own spread.
+    let all: Vec<usize> = (0..tokens).collect();
+    let spread = part_rms(parts, d, &all, &weight_scale);
+    let relative: Vec<f64> = (0..width)
+        .map(|j| weight_scale[j] / spread[j / d].max(f64::MIN_POSITIVE))
+        .collect();
+    let outliers = outliers(tokens, width, &at, &relative);
     let inliers: Vec<usize> = (0..tokens)
         .filter(|t| outliers.binary_search(t).is_err())
         .collect();
     let n = inliers.len().max(1) as f64;
-    let mean: Vec<f64> = (0..d)
-        .map(|i| inliers.iter().map(|&t| row(t)[i] as f64).sum::<f64>() / n)
+    let mean: Vec<f64> = (0..width)
+        .map(|j| inliers.iter().map(|&t| at(t, j)).sum::<f64>() / n)
         .collect();
-    // Centred, weighted rows.
-    let z = DMatrix::from_fn(inliers.len(), d, |r, i| {
-        (row(inliers[r])[i] as f64 - mean[i]) * scale[i]
+    // One unit of a channel: its part's step, over the channel's weight.
+    let rms = part_rms(parts, d, &inliers, &weight_scale);
+    let scale: Vec<f32> = (0..width)
+        .map(|j| {
+            let units = (weight_scale[j] / (parts[j / d].rel_step * rms[j / d])) as f32;
+            // A constant part (no spread to take a step from) is coded in its own units.
+            match units.is_finite() && units > 0.0 {
+                true => units,
+                false => weight_scale[j] as f32,
+            }
+        })
+        .collect();
+    // Centred rows in units.
+    let z = DMatrix::from_fn(inliers.len(), width, |r, j| {
+        (at(inliers[r], j) - mean[j]) * scale[j] as f64
     });
-    let cov = z.tr_mul(&z) / n;
-    let rms = (cov.trace() / d.max(1) as f64).sqrt();
-    let step = if rms > 0.0 && rms.is_finite() {
-        rel_step * rms
+    let principal = inliers.len() >= PRINCIPAL_TOKENS_PER_CHANNEL * width;
+    let (axes, coords) = if principal {
+        principal_axes(&z)
     } else {
-        1.0
+        (
+            Axes::Channels {
+                rank: rank(&z) as u32,
+            },
+            z,
+        )
     };
-    // A basis costs d values per axis: only worth it over enough tokens; fewer are coded on their own channels.
-    let principal = inliers.len() >= PRINCIPAL_TOKENS_PER_CHANNEL * d;
-    let axes = if principal {
-        let eigen = SymmetricEigen::new(cov);
-        let mut order: Vec<usize> = (0..d).collect();
-        order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
-        DMatrix::from_fn(d, d, |i, k| eigen.eigenvectors[(i, order[k])])
-    } else {
-        DMatrix::identity(d, d)
-    };
-    // The rank: up to the last axis with a non-zero code.
-    let coords = &z * &axes;
-    let rank = (0..d)
-        .rev()
-        .find(|&k| coords.column(k).iter().any(|y| (y / step).round() != 0.0))
-        .map_or(0, |k| k + 1);
-    // The basis the decoder will use: back to unweighted channels, rounded to f16.
-    let basis = DMatrix::from_fn(d, rank, |i, k| {
-        f16::from_f64(axes[(i, k)] / scale[i]).to_f64()
-    });
-    // Coordinates against that rounded basis, by weighted least squares (the rounding leaves it not quite
-    // orthogonal; projecting onto the exact axes would turn that into a systematic error).
-    let w = DMatrix::from_diagonal(&nalgebra::DVector::from_fn(d, |i, _| scale[i] * scale[i]));
-    let centred = DMatrix::from_fn(inliers.len(), d, |r, i| row(inliers[r])[i] as f64 - mean[i]);
-    let gram = basis.transpose() * &w * &basis;
-    let coords = match gram.try_inverse() {
-        Some(inv) => centred * (&w * &basis * inv.transpose()),
-        None => coords.columns(0, rank).into_owned(),
-    };
-
+    let rank = axes.rank(width);
     let codes: Vec<i32> = (0..rank)
         .flat_map(|k| (0..inliers.len()).map(move |r| (k, r)))
         .map(|(k, r)| {
-            (coords[(r, k)] / step)
+            coords[(r, k)]
                 .round()
                 .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32
         })
         .collect();
     let mut last = 0;
     let block = Block {
-        step: step as f32,
-        principal,
+        scale,
+        axes,
         outlier_gaps: outliers
             .iter()
             .map(|&t| (t - std::mem::replace(&mut last, t)) as u32)
             .collect(),
         outlier_rows: outliers
             .iter()
-            .flat_map(|&t| row(t).iter().map(|&v| f16::from_f32(v).to_le_bytes()))
+            .flat_map(|&t| (0..width).map(move |j| f16::from_f64(at(t, j)).to_le_bytes()))
             .collect(),
         mean: mean.iter().map(|&m| m as f32).collect(),
-        // Channel axes: only each axis's scale.
-        basis: match principal {
-            true => basis
-                .iter()
-                .map(|&v| f16::from_f64(v).to_le_bytes())
-                .collect(),
-            false => (0..rank)
-                .map(|k| f16::from_f64(basis[(k, k)]).to_le_bytes())
-                .collect(),
-        },
         codes: entropy::encode(&codes, rank),
     };
     out.extend(postcard::to_allocvec(&block).expect("a block serialises"));
 }
 
-/// One head's keys or values as they travel (postcard).
+/// The principal axes of `z` (rows: tokens in units) up to the last with a non-zero code, each rounded to its own
+/// step, and the rows' coordinates against those rounded axes.
+fn principal_axes(z: &DMatrix<f64>) -> (Axes, DMatrix<f64>) {
+    let width = z.ncols();
+    let n = z.nrows().max(1) as f64;
+    let eigen = SymmetricEigen::new(z.tr_mul(z) / n);
+    let mut order: Vec<usize> = (0..width).collect();
+    order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
+    let exact = DMatrix::from_fn(width, width, |j, k| eigen.eigenvectors[(j, order[k])]);
+    let rank = rank(&(z * &exact));
+    if rank == 0 {
+        let none = Axes::Principal {
+            steps: Vec::new(),
+            basis: Vec::new(),
+        };
+        return (none, DMatrix::zeros(z.nrows(), 0));
+    }
+    // An error δ in an axis's direction moves each token by its coordinate (spread σ) times δ: with the axis
+    // rounded to BASIS_ERROR's share over σ, the basis adds about that share to the rounding noise in all.
+    let unit = (BASIS_ERROR / rank as f64).sqrt();
+    let coarsest = 0.25 / (width as f64).sqrt();
+    let steps: Vec<f32> = (0..rank)
+        .map(|k| {
+            let spread = eigen.eigenvalues[order[k]].max(0.0).sqrt();
+            (unit / spread).min(coarsest) as f32
+        })
+        .collect();
+    let basis: Vec<i32> = (0..rank)
+        .flat_map(|k| (0..width).map(move |j| (k, j)))
+        .map(|(k, j)| (exact[(j, k)] / steps[k] as f64).round() as i32)
+        .collect();
+    let rounded = DMatrix::from_fn(width, rank, |j, k| {
+        basis[k * width + j] as f64 * steps[k] as f64
+    });
+    // Coordinates by least squares against the rounded axes (no longer quite orthogonal: projecting onto them
+    // would turn that into a systematic error).
+    let coords = match (rounded.transpose() * &rounded).try_inverse() {
+        Some(inv) => z * &rounded * inv,
+        None => (z * exact).columns(0, rank).into_owned(),
+    };
+    (Axes::Principal { steps, basis }, coords)
+}
+
+/// Axes up to the last with a non-zero code.
+fn rank(coords: &DMatrix<f64>) -> usize {
+    (0..coords.ncols())
+        .rev()
+        .find(|&k| coords.column(k).iter().any(|y| y.round() != 0.0))
+        .map_or(0, |k| k + 1)
+}
+
+/// Each part's RMS over `tokens` (channels weighted), about its own mean.
+fn part_rms(parts: &[Part], d: usize, tokens: &[usize], weight_scale: &[f64]) -> Vec<f64> {
+    let n = tokens.len().max(1) as f64;
+    parts
+        .iter()
+        .enumerate()
+        .map(|(p, part)| {
+            let sum: f64 = (0..d)
+                .map(|i| {
+                    let x = |t: usize| part.x[t * d + i] as f64;
+                    let m = tokens.iter().map(|&t| x(t)).sum::<f64>() / n;
+                    let w = weight_scale[p * d + i];
+                    tokens
+                        .iter()
+                        .map(|&t| ((x(t) - m) * w).powi(2))
+                        .sum::<f64>()
+                })
+                .sum();
+            (sum / (n * d.max(1) as f64)).sqrt()
+        })
+        .collect()
+}
+
+/// How far a rounded basis may move the tokens, as a share of the rounding noise.
+const BASIS_ERROR: f64 = 0.01;
+
+/// One group's tensors as they travel (postcard).
 #[derive(Serialize, Deserialize)]
 struct Block {
-    /// The rounding step of every axis.
-    step: f32,
-    /// Principal axes (a full basis column per axis), or the channels themselves (a scale per axis).
-    principal: bool,
+    /// Units per value, per channel of the group (parts one after the other).
+    scale: Vec<f32>,
+    axes: Axes,
     /// Outlier tokens, each as its distance from the one before (the first from 0).
     outlier_gaps: Vec<u32>,
     /// Their rows, f16.
     outlier_rows: Vec<[u8; 2]>,
     /// The other tokens' mean.
     mean: Vec<f32>,
-    /// The reconstruction basis, f16, axis by axis: d × rank, or rank scales for channel axes.
-    basis: Vec<[u8; 2]>,
     /// The other tokens' codes, axis by axis.
     codes: entropy::CodedAxes,
 }
 
+/// The axes codes are along.
+#[derive(Serialize, Deserialize)]
+enum Axes {
+    /// The first `rank` channels.
+    Channels { rank: u32 },
+    /// Principal axes in units, axis by axis: `basis` holds each axis's `width` values as multiples of its step.
+    Principal { steps: Vec<f32>, basis: Vec<i32> },
+}
+
+impl Axes {
+    fn rank(&self, width: usize) -> usize {
+        match self {
+            Axes::Channels { rank } => (*rank as usize).min(width),
+            Axes::Principal { steps, .. } => steps.len(),
+        }
+    }
+}
+
 /// Tokens far from the rest (attention sinks: their keys and values are often many times the others' size), sent
 /// as f16 rows instead: on the axes they would skew the principal axes and stretch the codes of every token.
-/// The first [`SINKS`] tokens, and rows whose weighted distance from the mean is over 4 × the RMS (the largest
-/// `tokens / 64` at most).
-fn outliers(x: &[f32], d: usize, scale: &[f64]) -> Vec<usize> {
-    let tokens = if d == 0 { 0 } else { x.len() / d };
+/// The first [`SINKS`] tokens, and rows whose distance from the mean (channel `j` scaled by `scale[j]`) is over
+/// 4 × the RMS (the largest `tokens / 64` at most).
+fn outliers(
+    tokens: usize,
+    width: usize,
+    at: &dyn Fn(usize, usize) -> f64,
+    scale: &[f64],
+) -> Vec<usize> {
     if tokens < 2 * SINKS {
         return Vec::new();
     }
-    let mean: Vec<f64> = (0..d)
-        .map(|i| (0..tokens).map(|t| x[t * d + i] as f64).sum::<f64>() / tokens as f64)
+    let mean: Vec<f64> = (0..width)
+        .map(|j| (0..tokens).map(|t| at(t, j)).sum::<f64>() / tokens as f64)
         .collect();
     let dist: Vec<f64> = (0..tokens)
         .map(|t| {
-            (0..d)
-                .map(|i| ((x[t * d + i] as f64 - mean[i]) * scale[i]).powi(2))
+            (0..width)
+                .map(|j| ((at(t, j) - mean[j]) * scale[j]).powi(2))
                 .sum()
         })
         .collect();
@@ -163,34 +260,44 @@ fn outliers(x: &[f32], d: usize, scale: &[f64]) -> Vec<usize> {
     far
 }
 
-/// Tokens per channel from which a head is coded on its principal axes.
+/// Tokens per channel from which a group is coded on its principal axes.
 const PRINCIPAL_TOKENS_PER_CHANNEL: usize = 4;
 
 /// Leading tokens always sent as rows: models park attention on the first tokens (attention sinks), so their keys
 /// and values weigh on every query.
 const SINKS: usize = 4;
 
-/// Reads one block for `tokens` × `d` values from the front of `raw`.
-pub(super) fn decode(raw: &mut &[u8], tokens: usize, d: usize) -> Result<Vec<f32>, CodecError> {
+/// Reads one block of `parts` parts of `tokens` × `d` values from the front of `raw`: `[part][tokens][d]`.
+pub(super) fn decode(
+    raw: &mut &[u8],
+    parts: usize,
+    tokens: usize,
+    d: usize,
+) -> Result<Vec<f32>, CodecError> {
     let bad = |what: String| CodecError::Malformed(what);
     let (block, rest) =
-        postcard::take_from_bytes::<Block>(raw).map_err(|e| bad(format!("head block: {e}")))?;
+        postcard::take_from_bytes::<Block>(raw).map_err(|e| bad(format!("block: {e}")))?;
     *raw = rest;
-    let f16s = |v: &[[u8; 2]]| {
-        v.iter()
-            .map(|&b| f16::from_le_bytes(b).to_f32())
-            .collect::<Vec<_>>()
-    };
-    let per_axis = if block.principal { d.max(1) } else { 1 };
-    let rank = block.basis.len() / per_axis;
-    if rank > d || block.basis.len() % per_axis != 0 {
-        return Err(bad(format!(
-            "{} basis values for heads of {d}",
-            block.basis.len()
-        )));
+    let width = parts * d;
+    let rank = block.axes.rank(width);
+    match &block.axes {
+        Axes::Channels { rank } if *rank as usize > width => {
+            return Err(bad(format!("{rank} channel axes for {width} channels")));
+        }
+        Axes::Principal { steps, basis } if steps.len() > width || basis.len() != rank * width => {
+            return Err(bad(format!(
+                "{} basis values for {} axes of {width}",
+                basis.len(),
+                steps.len()
+            )));
+        }
+        Axes::Principal { steps, .. } if steps.iter().any(|s| !s.is_finite()) => {
+            return Err(CodecError::NotFinite);
+        }
+        _ => {}
     }
-    if !block.step.is_finite() {
-        return Err(CodecError::NotFinite);
+    if block.scale.iter().any(|s| !s.is_finite() || *s == 0.0) {
+        return Err(bad("a channel scale is zero or not finite".into()));
     }
     let mut outliers: Vec<usize> = Vec::with_capacity(block.outlier_gaps.len().min(tokens));
     for (i, &gap) in block.outlier_gaps.iter().enumerate() {
@@ -204,19 +311,26 @@ pub(super) fn decode(raw: &mut &[u8], tokens: usize, d: usize) -> Result<Vec<f32
         .filter(|t| outliers.binary_search(t).is_err())
         .collect();
     let sizes = [
+        (block.scale.len(), width, "channel scales"),
         (
             block.outlier_rows.len(),
-            outliers.len() * d,
+            outliers.len() * width,
             "outlier row values",
         ),
-        (block.mean.len(), d, "mean values"),
+        (block.mean.len(), width, "mean values"),
     ];
     if let Some((found, want, what)) = sizes.into_iter().find(|(f, w, _)| f != w) {
         return Err(bad(format!("{found} {what}, {want} expected")));
     }
     let codes = entropy::decode(&block.codes, rank, inliers.len())?;
-    let basis = f16s(&block.basis);
-    let mut x: Vec<f32> = (0..tokens)
+    // Each axis as a change of the values per code.
+    let basis: Vec<f32> = match &block.axes {
+        Axes::Channels { .. } => Vec::new(),
+        Axes::Principal { steps, basis } => (0..rank * width)
+            .map(|i| basis[i] as f32 * steps[i / width] / block.scale[i % width])
+            .collect(),
+    };
+    let mut rows: Vec<f32> = (0..tokens)
         .flat_map(|_| block.mean.iter().copied())
         .collect();
     for k in 0..rank {
@@ -224,23 +338,31 @@ pub(super) fn decode(raw: &mut &[u8], tokens: usize, d: usize) -> Result<Vec<f32
             if q == 0 {
                 continue;
             }
-            let y = q as f32 * block.step;
-            let row = &mut x[t * d..(t + 1) * d];
-            match block.principal {
-                true => {
-                    for (out, b) in row.iter_mut().zip(&basis[k * d..(k + 1) * d]) {
-                        *out += y * b;
+            let row = &mut rows[t * width..(t + 1) * width];
+            match block.axes {
+                Axes::Principal { .. } => {
+                    for (out, b) in row.iter_mut().zip(&basis[k * width..(k + 1) * width]) {
+                        *out += q as f32 * b;
                     }
                 }
-                false => row[k] += y * basis[k],
+                Axes::Channels { .. } => row[k] += q as f32 / block.scale[k],
             }
         }
     }
     for (&t, r) in outliers
         .iter()
-        .zip(f16s(&block.outlier_rows).chunks_exact(d.max(1)))
+        .zip(block.outlier_rows.chunks_exact(width.max(1)))
     {
-        x[t * d..(t + 1) * d].copy_from_slice(r);
+        for (out, b) in rows[t * width..(t + 1) * width].iter_mut().zip(r) {
+            *out = f16::from_le_bytes(*b).to_f32();
+        }
+    }
+    // Rows of the group to parts.
+    let mut x = vec![0f32; parts * tokens * d];
+    for (t, row) in rows.chunks_exact(width.max(1)).enumerate() {
+        for (p, values) in row.chunks_exact(d.max(1)).enumerate() {
+            x[(p * tokens + t) * d..][..d].copy_from_slice(values);
+        }
     }
     Ok(x)
 }
