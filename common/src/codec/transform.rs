@@ -323,29 +323,33 @@ pub(super) fn decode(
         return Err(bad(format!("{found} {what}, {want} expected")));
     }
     let codes = entropy::decode(&block.codes, rank, inliers.len())?;
-    // Each axis as a change of the values per code.
-    let basis: Vec<f32> = match &block.axes {
-        Axes::Channels { .. } => Vec::new(),
-        Axes::Principal { steps, basis } => (0..rank * width)
-            .map(|i| basis[i] as f32 * steps[i / width] / block.scale[i % width])
-            .collect(),
-    };
     let mut rows: Vec<f32> = (0..tokens)
         .flat_map(|_| block.mean.iter().copied())
         .collect();
-    for k in 0..rank {
-        for (&t, &q) in inliers.iter().zip(&codes[k * inliers.len()..]) {
-            if q == 0 {
-                continue;
-            }
-            let row = &mut rows[t * width..(t + 1) * width];
-            match block.axes {
-                Axes::Principal { .. } => {
-                    for (out, b) in row.iter_mut().zip(&basis[k * width..(k + 1) * width]) {
-                        *out += q as f32 * b;
-                    }
+    let n = inliers.len();
+    match &block.axes {
+        Axes::Principal { steps, basis } if rank > 0 && n > 0 => {
+            // Each axis as a change of the values per code (width × rank), times the codes (rank × tokens).
+            let axes = DMatrix::from_fn(width, rank, |j, k| {
+                basis[k * width + j] as f32 * steps[k] / block.scale[j]
+            });
+            let codes = DMatrix::from_fn(rank, n, |k, r| codes[k * n + r] as f32);
+            let change = axes * codes;
+            for (&t, delta) in inliers
+                .iter()
+                .zip(change.as_slice().chunks_exact(width.max(1)))
+            {
+                for (out, d) in rows[t * width..(t + 1) * width].iter_mut().zip(delta) {
+                    *out += d;
                 }
-                Axes::Channels { .. } => row[k] += q as f32 / block.scale[k],
+            }
+        }
+        Axes::Principal { .. } => {}
+        Axes::Channels { .. } => {
+            for (k, codes) in codes.chunks_exact(n.max(1)).enumerate().take(rank) {
+                for (&t, &q) in inliers.iter().zip(codes) {
+                    rows[t * width + k] += q as f32 / block.scale[k];
+                }
             }
         }
     }
