@@ -134,8 +134,9 @@ fn principal_axes(z: &DMatrix<f64>) -> (Axes, DMatrix<f64>) {
         };
         return (none, DMatrix::zeros(z.nrows(), 0));
     }
-    // An error δ in an axis's direction moves each token by its coordinate (spread σ) times δ: with the axis
-    // rounded to BASIS_ERROR's share over σ, the basis adds about that share to the rounding noise in all.
+    // Rounding an axis's direction by δ moves each token by its coordinate on it (spread σ) times δ: steps ∝ 1/σ
+    // spend the basis's bits where they matter, scaled so that all axes together add BASIS_ERROR to the rounding
+    // noise.
     let unit = (BASIS_ERROR / rank as f64).sqrt();
     let coarsest = 0.25 / (width as f64).sqrt();
     let steps: Vec<f32> = (0..rank)
