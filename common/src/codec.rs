@@ -322,13 +322,8 @@ pub fn encode_layer_weighted(
                 weights: None,
             });
             let parts: Vec<_> = keys.chain(values).collect();
-            match transform::joint(parts.len(), shape.tokens, d) {
-                true => transform::encode(&mut raw, &parts, shape.tokens, d),
-                false => {
-                    for part in parts.chunks(1) {
-                        transform::encode(&mut raw, part, shape.tokens, d);
-                    }
-                }
+            for group in parts.chunks(transform::group(parts.len(), shape.tokens, d)) {
+                transform::encode(&mut raw, group, shape.tokens, d);
             }
         }
     }
@@ -398,17 +393,11 @@ pub fn decode_layer(
         Layout::Transform { .. } => {
             let mut rest = &raw[..];
             let (parts, d) = (2 * shape.kv_heads, shape.head_dim);
-            let x = match transform::joint(parts, shape.tokens, d) {
-                true => transform::decode(&mut rest, parts, shape.tokens, d)?,
-                false => {
-                    let mut x = Vec::with_capacity(n * 2);
-                    for _ in 0..parts {
-                        x.extend(transform::decode(&mut rest, 1, shape.tokens, d)?);
-                    }
-                    x
-                }
-            };
-            let mut k = x;
+            let group = transform::group(parts, shape.tokens, d);
+            let mut k = Vec::with_capacity(2 * n);
+            for _ in 0..parts / group {
+                k.extend(transform::decode(&mut rest, group, shape.tokens, d)?);
+            }
             let v = k.split_off(n);
             if !rest.is_empty() {
                 return Err(CodecError::Malformed(format!(
@@ -428,7 +417,7 @@ pub fn decode_layer(
 
 /// How a codec lays a layer out before brotli: K and V as byte planes of `width`-byte floats, quantized codes
 /// by groups, or transform-coded heads (keys first, rotary taken off; together or one by one, see
-/// [`transform::joint`]) with a rounding `step` relative to each head's RMS.
+/// [`transform::group`]) with a rounding `step` relative to each head's RMS.
 enum Layout {
     Planes {
         width: usize,

@@ -13,7 +13,7 @@
 //! The basis travels as integers, each axis rounded to its own step: an axis the tokens' codes spread far along
 //! needs a precise direction, one barely above the rounding step a coarse one ([`BASIS_ERROR`]).
 //!
-//! Too few tokens for a joint basis ([`joint`]) and each part is coded alone; fewer than 4 tokens per channel and
+//! Too few tokens for a joint basis ([`group`]) and each part is coded alone; fewer than 4 tokens per channel and
 //! a part keeps its channels as axes (a basis would cost more than it saves).
 //!
 //! Each group travels as a postcard [`Block`]: channel scales, axes, outlier tokens and their f16 rows, the
@@ -35,10 +35,13 @@ pub(super) struct Part<'a> {
     pub weights: Option<Vec<f32>>,
 }
 
-/// Whether `parts` parts of `tokens` × `d` are coded as one group (else each alone): when the tokens are enough
-/// for a basis over all their channels.
-pub(super) fn joint(parts: usize, tokens: usize, d: usize) -> bool {
-    parts > 1 && tokens >= PRINCIPAL_TOKENS_PER_CHANNEL * parts * d
+/// How many of a layer's `parts` parts of `tokens` × `d` go in one block: all of them when the tokens are enough
+/// for a basis over all their channels, else one.
+pub(super) fn group(parts: usize, tokens: usize, d: usize) -> usize {
+    match tokens >= PRINCIPAL_TOKENS_PER_CHANNEL * parts * d {
+        true => parts.max(1),
+        false => 1,
+    }
 }
 
 /// Appends the block coding `parts` (each `tokens` × `d`) together.
