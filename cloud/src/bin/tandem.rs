@@ -107,6 +107,10 @@ struct CodecReportArgs {
     /// Tokens compared per question.
     #[arg(long, default_value_t = 64)]
     steps: usize,
+    /// Ask this after the context (repeatable; default: three standard questions). More questions, more tokens
+    /// scored: one flipped token of 510 moves the agreement by 0.2%.
+    #[arg(long = "question")]
+    questions: Vec<String>,
     /// Mat-mul precision of both runs: f32 isolates the codec; q8 (the fast path) adds activation-rounding flips.
     #[arg(long, default_value = "f32")]
     precision: String,
@@ -500,18 +504,22 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
     } else {
         args.codecs
     };
+    let questions: Vec<&str> = match args.questions.is_empty() {
+        true => QUESTIONS.to_vec(),
+        false => args.questions.iter().map(String::as_str).collect(),
+    };
     eprintln!(
         "measuring {} codecs on {} context tokens, {} questions × {} tokens, {:?} mat-muls; pca steps: {steps_from} …",
         codecs.len(),
         engine.tokenizer.context_tokens(&text)?.len(),
-        QUESTIONS.len(),
+        questions.len(),
         args.steps,
         precision
     );
     let rows = tandem_cloud::codec_report::codec_report(
         &engine,
         &text,
-        &QUESTIONS,
+        &questions,
         args.steps,
         precision,
         &codecs,
