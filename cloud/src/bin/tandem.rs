@@ -107,8 +107,8 @@ struct CodecReportArgs {
     /// Tokens compared per question.
     #[arg(long, default_value_t = 64)]
     steps: usize,
-    /// Ask this after the context (repeatable; default: three standard questions). More questions, more tokens
-    /// scored: one flipped token of 510 moves the agreement by 0.2%.
+    /// Ask this after the context (repeatable; default: three standard questions). One flipped token moves the
+    /// agreement by 1 / (questions × steps): more questions, a finer probe.
     #[arg(long = "question")]
     questions: Vec<String>,
     /// Mat-mul precision of both runs: f32 isolates the codec; q8 (the fast path) adds activation-rounding flips.
