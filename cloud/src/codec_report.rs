@@ -135,6 +135,7 @@ impl<'e> Probe<'e> {
             codec,
             self.exact.shape(),
             Some(self.rotary()),
+            &self.exact.tokens,
             w,
             step,
             &self.exact.layers[l],
@@ -142,8 +143,14 @@ impl<'e> Probe<'e> {
     }
 
     pub fn decode(&self, codec: Codec, bytes: &[u8]) -> LayerKv {
-        decode_layer(codec, self.exact.shape(), Some(self.rotary()), bytes)
-            .expect("own encoding decodes")
+        decode_layer(
+            codec,
+            self.exact.shape(),
+            Some(self.rotary()),
+            &self.exact.tokens,
+            bytes,
+        )
+        .expect("own encoding decodes")
     }
 
     /// Tokens each [`score`](Self::score) compares.

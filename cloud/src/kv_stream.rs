@@ -362,7 +362,14 @@ fn encoded(ctx: &StoredContext, codec: Codec, layer: usize, tokens: Range<usize>
         tokens: tokens.len(),
         ..ctx.shape()
     };
-    Arc::new(ctx.encode(codec, layer, shape, &part.positions, &part.layers[0]))
+    Arc::new(ctx.encode(
+        codec,
+        layer,
+        shape,
+        &part.tokens,
+        &part.positions,
+        &part.layers[0],
+    ))
 }
 
 /// A requested range checked against the context's `len` (non-empty, inside).

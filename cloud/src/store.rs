@@ -79,17 +79,25 @@ impl StoredContext {
             return e.clone();
         }
         let kv = &self.record.kv;
-        let e = Arc::new(self.encode(codec, layer, self.shape(), &kv.positions, &kv.layers[layer]));
+        let e = Arc::new(self.encode(
+            codec,
+            layer,
+            self.shape(),
+            &kv.tokens,
+            &kv.positions,
+            &kv.layers[layer],
+        ));
         self.lock().insert((codec, layer), e.clone());
         e
     }
 
-    /// Encodes `data`, layer `layer` of this context (or a token slice of it at `positions`).
+    /// Encodes `data`, layer `layer` of this context (or a token slice of it: `tokens` at `positions`).
     pub fn encode(
         &self,
         codec: Codec,
         layer: usize,
         shape: KvShape,
+        tokens: &[u32],
         positions: &[u32],
         data: &LayerKv,
     ) -> Vec<u8> {
@@ -98,6 +106,7 @@ impl StoredContext {
             codec,
             shape,
             Some(self.record.rope.at(positions)),
+            tokens,
             weights.and_then(|e| e.layers.get(layer)).map(Vec::as_slice),
             (self.record.step_scales.as_ref()).map_or_else(LayerStep::default, |s| s.layer(layer)),
             data,

@@ -14,7 +14,7 @@
 //! let shape = KvShape { kv_heads: 2, tokens: 3, head_dim: 4 };
 //! let layer = LayerKv { k: (0..24).map(|i| i as f32).collect(), v: vec![0.5; 24] };
 //! let bytes = encode_layer(Codec::Lossless, shape, None, &layer);
-//! assert_eq!(decode_layer(Codec::Lossless, shape, None, &bytes).unwrap(), layer);
+//! assert_eq!(decode_layer(Codec::Lossless, shape, None, &[], &bytes).unwrap(), layer);
 //! ```
 
 use std::io::{Read, Write};
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::kv::LayerKv;
 
 mod entropy;
+mod predict;
 mod steps;
 mod transform;
 
@@ -189,6 +190,8 @@ pub enum CodecError {
     NotFinite,
     #[error("{positions} key positions given for {tokens} tokens")]
     Positions { positions: usize, tokens: usize },
+    #[error("{ids} token ids given for {tokens} tokens")]
+    TokenIds { ids: usize, tokens: usize },
     #[error("KV chunk is malformed: {0}")]
     Malformed(String),
 }
@@ -264,17 +267,20 @@ pub fn encode_layer(
     rotary: Option<Rotary<'_>>,
     layer: &LayerKv,
 ) -> Vec<u8> {
-    encode_layer_weighted(codec, shape, rotary, None, LayerStep::default(), layer)
+    encode_layer_weighted(codec, shape, rotary, &[], None, LayerStep::default(), layer)
 }
 
-/// [`encode_layer`], told how strongly the model's queries read each key channel pair of this layer
-/// (`[kv_heads][head_dim / 2]`, a layer of [`QueryEnergy`](crate::model::QueryEnergy)): the transform codecs then
-/// spend their bits where attention looks. `step` scales their rounding step for this layer's keys and values
-/// ([`StepScales`]). Other codecs ignore both; the decoder needs neither.
+/// [`encode_layer`], told the tokens' ids (`tokens`: the transform codecs predict a token's coordinates from the
+/// same token's earlier occurrences; the decoder must be given the same ids), and how strongly the model's queries
+/// read each key channel pair of this layer (`[kv_heads][head_dim / 2]`, a layer of
+/// [`QueryEnergy`](crate::model::QueryEnergy)): the transform codecs then spend their bits where attention looks.
+/// `step` scales their rounding step for this layer's keys and values ([`StepScales`]). Other codecs ignore all
+/// three; the decoder needs only the ids.
 pub fn encode_layer_weighted(
     codec: Codec,
     shape: KvShape,
     rotary: Option<Rotary<'_>>,
+    tokens: &[u32],
     key_weights: Option<&[f32]>,
     step: LayerStep,
     layer: &LayerKv,
@@ -283,6 +289,11 @@ pub fn encode_layer_weighted(
     assert!(
         layer.k.len() == n && layer.v.len() == n,
         "layer does not match {shape:?}"
+    );
+    assert!(
+        tokens.is_empty() || tokens.len() == shape.tokens,
+        "{} token ids for {shape:?}",
+        tokens.len()
     );
     let layout = Layout::new(codec, shape);
     let mut raw = Vec::with_capacity(layout.raw_len(n));
@@ -323,7 +334,7 @@ pub fn encode_layer_weighted(
             });
             let parts: Vec<_> = keys.chain(values).collect();
             for group in parts.chunks(transform::group(parts.len(), shape.tokens, d)) {
-                transform::encode(&mut raw, group, shape.tokens, d);
+                transform::encode(&mut raw, group, tokens, shape.tokens, d);
             }
         }
     }
@@ -343,14 +354,22 @@ fn channel_weights(pairs: &[f32], d: usize, neox: bool) -> Vec<f32> {
         .collect()
 }
 
-/// Decodes what [`encode_layer`] made; every malformed input is an error, never a panic.
+/// Decodes what [`encode_layer`] made, given the ids the encoder was given (`tokens`, empty for none); every
+/// malformed input is an error, never a panic.
 pub fn decode_layer(
     codec: Codec,
     shape: KvShape,
     rotary: Option<Rotary<'_>>,
+    tokens: &[u32],
     bytes: &[u8],
 ) -> Result<LayerKv, CodecError> {
     let n = shape.values().ok_or(CodecError::TooLarge(shape))?;
+    if !tokens.is_empty() && tokens.len() != shape.tokens {
+        return Err(CodecError::TokenIds {
+            ids: tokens.len(),
+            tokens: shape.tokens,
+        });
+    }
     let layout = Layout::new(codec, shape);
     let expected = layout.raw_len(n);
     let mut raw = Vec::with_capacity(expected.min(1 << 24));
@@ -396,7 +415,13 @@ pub fn decode_layer(
             let group = transform::group(parts, shape.tokens, d);
             let mut k = Vec::with_capacity(2 * n);
             for _ in 0..parts / group {
-                k.extend(transform::decode(&mut rest, group, shape.tokens, d)?);
+                k.extend(transform::decode(
+                    &mut rest,
+                    group,
+                    tokens,
+                    shape.tokens,
+                    d,
+                )?);
             }
             let v = k.split_off(n);
             if !rest.is_empty() {
@@ -701,7 +726,7 @@ mod tests {
         let l = layer(shape, 7);
         for codec in Codec::ALL {
             let bytes = encode_layer(codec, shape, None, &l);
-            let d = decode_layer(codec, shape, None, &bytes).unwrap();
+            let d = decode_layer(codec, shape, None, &[], &bytes).unwrap();
             let err = max_err(&l.k, &d.k).max(max_err(&l.v, &d.v));
             // Largest range in a group is 80 (keys' outlier channel); half a step of each code width.
             let bound = match codec {
@@ -777,7 +802,7 @@ mod tests {
                 (Codec::Pca2, 1.0),
             ] {
                 let bytes = encode_layer(codec, shape, Some(rope), &l);
-                let d = decode_layer(codec, shape, Some(rope), &bytes).unwrap();
+                let d = decode_layer(codec, shape, Some(rope), &[], &bytes).unwrap();
                 // Uniform rounding leaves step / √12 of error per axis; allow the f16 basis and head-to-head spread.
                 let (ek, ev) = (
                     relative_rms_error(&l.k, &d.k),
@@ -815,7 +840,7 @@ mod tests {
             pca.len(),
             q2.len()
         );
-        let d = decode_layer(Codec::Pca2, shape, None, &pca).unwrap();
+        let d = decode_layer(Codec::Pca2, shape, None, &[], &pca).unwrap();
         assert!(relative_rms_error(&l.k, &d.k) < 0.4);
     }
 
@@ -851,7 +876,7 @@ mod tests {
         let separate = layer_of(&|p, t, j| noise.k[t * 64 + 8 * p + j]);
         let size = |l: &LayerKv| {
             let bytes = encode_layer(Codec::Pca4, shape, None, l);
-            let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
+            let d = decode_layer(Codec::Pca4, shape, None, &[], &bytes).unwrap();
             assert!(relative_rms_error(&l.k, &d.k) < 0.2 && relative_rms_error(&l.v, &d.v) < 0.2);
             bytes.len()
         };
@@ -859,6 +884,73 @@ mod tests {
         assert!(
             shared * 2 < separate,
             "one state {shared} bytes, one per head {separate}"
+        );
+    }
+
+    #[test]
+    fn repeated_and_neighbouring_tokens_are_predicted() {
+        // Half of each token's channels are its id's pattern (20 ids, repeating), half a slowly drifting state: with
+        // the ids the decoder predicts the pattern from the id's earlier occurrences and the drift from the token
+        // before, so the codes shrink; the rounding error stays where it was.
+        let shape = KvShape {
+            kv_heads: 1,
+            tokens: 2000,
+            head_dim: 64,
+        };
+        let noise = layer(shape, 11);
+        let ids: Vec<u32> = (0..shape.tokens as u32)
+            .map(|t| (t * 7919 >> 3) % 20)
+            .collect();
+        let value = |salt: usize, i: usize| {
+            let (t, c) = (i / 64, i % 64);
+            let signal = match c < 32 {
+                true => 3.0 * ((ids[t] as usize * 64 + c + salt) as f32).sin(),
+                false => 1.5 * ((t as f32 / 50.0) + c as f32).cos(),
+            };
+            signal + 0.02 * noise.k[i]
+        };
+        let n = shape.values().unwrap();
+        let l = LayerKv {
+            k: (0..n).map(|i| value(1, i)).collect(),
+            v: (0..n).map(|i| value(2, i)).collect(),
+        };
+        let with_ids = encode_layer_weighted(
+            Codec::Pca4,
+            shape,
+            None,
+            &ids,
+            None,
+            LayerStep::default(),
+            &l,
+        );
+        let without = encode_layer(Codec::Pca4, shape, None, &l);
+        assert!(
+            with_ids.len() * 10 < without.len() * 8,
+            "{} bytes with the ids, {} without",
+            with_ids.len(),
+            without.len()
+        );
+        let a = decode_layer(Codec::Pca4, shape, None, &ids, &with_ids).unwrap();
+        let b = decode_layer(Codec::Pca4, shape, None, &[], &without).unwrap();
+        let (ea, eb) = (
+            relative_rms_error(&l.v, &a.v),
+            relative_rms_error(&l.v, &b.v),
+        );
+        assert!(
+            ea < 1.2 * eb && ea < 0.1,
+            "error {ea} with the ids, {eb} without"
+        );
+        // Without the ids (or with the wrong number of them) the chunk cannot be decoded, and says why.
+        assert!(matches!(
+            decode_layer(Codec::Pca4, shape, None, &[], &with_ids),
+            Err(CodecError::Malformed(m)) if m.contains("token ids")
+        ));
+        assert_eq!(
+            decode_layer(Codec::Pca4, shape, None, &ids[1..], &with_ids),
+            Err(CodecError::TokenIds {
+                ids: 1999,
+                tokens: 2000
+            })
         );
     }
 
@@ -880,6 +972,7 @@ mod tests {
                 Codec::Pca4,
                 shape,
                 None,
+                &[],
                 &encode_layer(Codec::Pca4, shape, None, l),
             )
         };
@@ -909,9 +1002,16 @@ mod tests {
         let mut pairs = vec![1.0f32; 32];
         pairs[0] = 1000.0;
         let err_in_read_channels = |weights: Option<&[f32]>| {
-            let bytes =
-                encode_layer_weighted(Codec::Pca2, shape, None, weights, LayerStep::default(), &l);
-            let d = decode_layer(Codec::Pca2, shape, None, &bytes).unwrap();
+            let bytes = encode_layer_weighted(
+                Codec::Pca2,
+                shape,
+                None,
+                &[],
+                weights,
+                LayerStep::default(),
+                &l,
+            );
+            let d = decode_layer(Codec::Pca2, shape, None, &[], &bytes).unwrap();
             (0..400)
                 .flat_map(|t| [t * 64, t * 64 + 32])
                 .map(|i| (l.k[i] - d.k[i]).powi(2))
@@ -940,11 +1040,12 @@ mod tests {
                 Codec::Pca4,
                 shape,
                 None,
+                &[],
                 None,
                 LayerStep { keys, values },
                 &l,
             );
-            let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
+            let d = decode_layer(Codec::Pca4, shape, None, &[], &bytes).unwrap();
             let sq =
                 |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
             (bytes.len(), sq(&l.k, &d.k), sq(&l.v, &d.v))
@@ -975,11 +1076,11 @@ mod tests {
             ..shape
         };
         assert!(matches!(
-            decode_layer(Codec::Q4, wrong, None, &bytes),
+            decode_layer(Codec::Q4, wrong, None, &[], &bytes),
             Err(CodecError::WrongSize { .. })
         ));
         assert!(matches!(
-            decode_layer(Codec::Q8, shape, None, &bytes),
+            decode_layer(Codec::Q8, shape, None, &[], &bytes),
             Err(CodecError::WrongSize { .. })
         ));
         let huge = KvShape {
@@ -988,11 +1089,11 @@ mod tests {
             head_dim: 1 << 20,
         };
         assert_eq!(
-            decode_layer(Codec::Q4, huge, None, &bytes),
+            decode_layer(Codec::Q4, huge, None, &[], &bytes),
             Err(CodecError::TooLarge(huge))
         );
         for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
-            assert!(decode_layer(Codec::Q4, shape, None, &bytes[..cut]).is_err());
+            assert!(decode_layer(Codec::Q4, shape, None, &[], &bytes[..cut]).is_err());
         }
     }
 
@@ -1013,12 +1114,12 @@ mod tests {
             rope.apply(&mut k, shape, false);
             assert!(max_err(&k, &l.k) < 1e-3);
             let bytes = encode_layer(Codec::Q8, shape, Some(rope), &l);
-            let d = decode_layer(Codec::Q8, shape, Some(rope), &bytes).unwrap();
+            let d = decode_layer(Codec::Q8, shape, Some(rope), &[], &bytes).unwrap();
             // An un-rotated pair's magnitude spreads over both channels: at most √2 × the range per channel.
             assert!(max_err(&l.k, &d.k) <= 2.0 * (80.0 / 255.0 / 2.0) + 0.05);
             let short = RopeParams { theta: 1e4, neox }.at(&positions[1..]);
             assert_eq!(
-                decode_layer(Codec::Q8, shape, Some(short), &bytes),
+                decode_layer(Codec::Q8, shape, Some(short), &[], &bytes),
                 Err(CodecError::Positions {
                     positions: 39,
                     tokens: 40
@@ -1032,14 +1133,16 @@ mod tests {
         fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600),
                                               codec in 0usize..Codec::ALL.len(), tokens in 0usize..40) {
             let shape = KvShape { kv_heads: 2, tokens, head_dim: 32 };
-            let _ = decode_layer(Codec::ALL[codec], shape, None, &bytes);
+            let _ = decode_layer(Codec::ALL[codec], shape, None, &[], &bytes);
+            let ids: Vec<u32> = (0..tokens as u32).map(|t| t % 3).collect();
+            let _ = decode_layer(Codec::ALL[codec], shape, None, &ids, &bytes);
         }
 
         #[test]
         fn quantized_round_trip_within_half_a_step(tokens in 1usize..70, head_dim in 1usize..70, seed in any::<u32>()) {
             let shape = KvShape { kv_heads: 1, tokens, head_dim };
             let l = layer(shape, seed);
-            let d = decode_layer(Codec::Q8, shape, None, &encode_layer(Codec::Q8, shape, None, &l)).unwrap();
+            let d = decode_layer(Codec::Q8, shape, None, &[], &encode_layer(Codec::Q8, shape, None, &l)).unwrap();
             prop_assert!(max_err(&l.k, &d.k) <= 80.0 / 255.0 / 2.0 + 0.05);
             prop_assert!(max_err(&l.v, &d.v) <= 80.0 / 255.0 / 2.0 + 0.05);
         }
@@ -1050,8 +1153,9 @@ mod tests {
             let shape = KvShape { kv_heads: 2, tokens, head_dim };
             let l = layer(shape, seed);
             let weights = vec![2.0f32; head_dim];
-            let bytes = encode_layer_weighted(Codec::Pca4, shape, None, Some(&weights), LayerStep::default(), &l);
-            let d = decode_layer(Codec::Pca4, shape, None, &bytes).unwrap();
+            let ids: Vec<u32> = (0..tokens as u32).map(|t| t % 5).collect();
+            let bytes = encode_layer_weighted(Codec::Pca4, shape, None, &ids, Some(&weights), LayerStep::default(), &l);
+            let d = decode_layer(Codec::Pca4, shape, None, &ids, &bytes).unwrap();
             prop_assert_eq!(d.k.len(), l.k.len());
             // No value strays by more than the head's whole spread.
             prop_assert!(max_err(&l.k, &d.k) <= 80.0 && max_err(&l.v, &d.v) <= 80.0);

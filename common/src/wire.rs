@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 
-/// 5: the `pca` codecs code a layer's heads on one basis (their chunks changed); 4: they range-code their codes.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: the `pca` codecs predict coordinates from earlier tokens (their chunks changed); 5: they code a layer's heads
+/// on one basis; 4: they range-code their codes.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest message either side accepts.
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 

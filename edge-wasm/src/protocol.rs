@@ -141,6 +141,8 @@ enum Stage {
     Layers {
         shape: KvShape,
         codec: Codec,
+        /// The context's token ids and positions (the codecs need both).
+        tokens: Vec<u32>,
         positions: Vec<u32>,
         /// The layers that will come, in order, and how many have.
         expected: Vec<u32>,
@@ -249,13 +251,14 @@ impl KvClient {
                     first_layer: layers.0 as usize,
                     kv_heads: shape.kv_heads,
                     head_dim: shape.head_dim,
-                    tokens,
+                    tokens: tokens.clone(),
                     positions: positions.clone(),
                     layers: Vec::new(),
                 };
                 self.stage = Stage::Layers {
                     shape,
                     codec,
+                    tokens,
                     positions,
                     expected,
                     at: 0,
@@ -272,6 +275,7 @@ impl KvClient {
                 Stage::Layers {
                     shape,
                     codec,
+                    tokens: ids,
                     positions,
                     expected,
                     at,
@@ -298,8 +302,14 @@ impl KvClient {
                         "layer {l}: payload checksum mismatch"
                     )));
                 }
-                let kv = decode_layer(*codec, *shape, Some(self.req.rope.at(positions)), &payload)
-                    .map_err(|e| FetchError::Protocol(format!("layer {l}: {e}")))?;
+                let kv = decode_layer(
+                    *codec,
+                    *shape,
+                    Some(self.req.rope.at(positions)),
+                    ids,
+                    &payload,
+                )
+                .map_err(|e| FetchError::Protocol(format!("layer {l}: {e}")))?;
                 *received += payload.len();
                 *at += 1;
                 if *at == expected.len() {

@@ -6,8 +6,9 @@
 //! of its RMS) — and a key channel by how strongly the model's queries read it, when the encoder knows
 //! ([`QueryEnergy`]), since an error in a channel no query looks at changes no attention weight. The tokens' rows
 //! are then centred and turned onto their principal axes, and every coordinate is rounded to a whole unit: axes
-//! whose codes are all zero are dropped, so the low-rank reduction follows from the steps, and the small integer
-//! codes are range-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an attention sink's
+//! whose codes are all zero are dropped, so the low-rank reduction follows from the steps. What is coded is each
+//! coordinate less its prediction from the tokens before it ([`predict`]: the same token's earlier occurrences,
+//! the previous token), rounded; these small integer codes are range-coded axis by axis ([`entropy`]). Unlike fixed-width groups, an outlier (an attention sink's
 //! key) costs only its own row, never a coarser step for its neighbours.
 //!
 //! The basis travels as integers, each axis rounded to its own step: an axis the tokens' codes spread far along
@@ -17,7 +18,8 @@
 //! a part keeps its channels as axes (a basis would cost more than it saves).
 //!
 //! Each group travels as a postcard [`Block`]: channel scales, axes, outlier tokens and their f16 rows, the
-//! others' mean, their range-coded codes. The decoder needs no eigen-solver and no weights.
+//! others' mean, the prediction's coefficients, the range-coded codes. The decoder needs no eigen-solver and no
+//! weights, only the tokens' ids.
 //!
 //! [`QueryEnergy`]: crate::model::QueryEnergy
 
@@ -25,7 +27,7 @@ use half::f16;
 use nalgebra::{DMatrix, SymmetricEigen};
 use serde::{Deserialize, Serialize};
 
-use super::{CodecError, entropy};
+use super::{CodecError, entropy, predict};
 
 /// One tensor of a layer: `[tokens][d]` values, rounded to `rel_step` of their RMS; `weights` (one per channel,
 /// > 0) say how much an error in each channel counts.
@@ -44,8 +46,9 @@ pub(super) fn group(parts: usize, tokens: usize, d: usize) -> usize {
     }
 }
 
-/// Appends the block coding `parts` (each `tokens` × `d`) together.
-pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], tokens: usize, d: usize) {
+/// Appends the block coding `parts` (each `tokens` × `d`) together; `ids` are the tokens' ids (empty when
+/// unknown: then no coordinate is predicted from an earlier occurrence of its token).
+pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], ids: &[u32], tokens: usize, d: usize) {
     let width = parts.len() * d;
     let at = |t: usize, j: usize| parts[j / d].x[t * d + j % d] as f64;
     let weight_scale: Vec<f64> = parts
@@ -94,14 +97,23 @@ pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], tokens: usize, d: usize)
         )
     };
     let rank = axes.rank(width);
-    let codes: Vec<i32> = (0..rank)
-        .flat_map(|k| (0..inliers.len()).map(move |r| (k, r)))
-        .map(|(k, r)| {
-            coords[(r, k)]
+    let n = inliers.len();
+    let inlier_ids = inlier_ids(ids, &inliers, tokens);
+    let prediction = predict::Coefficients::fit(&coords, rank, inlier_ids.as_deref());
+    let mut codes = vec![0i32; rank * n];
+    predict::walk(
+        &prediction,
+        n,
+        rank,
+        inlier_ids.as_deref(),
+        |r, k, predicted| {
+            let code = (coords[(r, k)] - predicted)
                 .round()
-                .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32
-        })
-        .collect();
+                .clamp(-(1 << 30) as f64, (1 << 30) as f64) as i32;
+            codes[k * n + r] = code;
+            code
+        },
+    );
     let mut last = 0;
     let block = Block {
         scale,
@@ -115,6 +127,7 @@ pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], tokens: usize, d: usize)
             .flat_map(|&t| (0..width).map(move |j| f16::from_f64(at(t, j)).to_le_bytes()))
             .collect(),
         mean: mean.iter().map(|&m| m as f32).collect(),
+        prediction,
         codes: entropy::encode(&codes, rank),
     };
     out.extend(postcard::to_allocvec(&block).expect("a block serialises"));
@@ -164,6 +177,11 @@ fn principal_axes(z: &DMatrix<f64>) -> (Axes, DMatrix<f64>) {
     (Axes::Principal { steps, basis }, coords)
 }
 
+/// The ids of the `inliers` of `tokens` tokens, when `ids` holds one per token.
+fn inlier_ids(ids: &[u32], inliers: &[usize], tokens: usize) -> Option<Vec<u32>> {
+    (ids.len() == tokens).then(|| inliers.iter().map(|&t| ids[t]).collect())
+}
+
 /// Axes up to the last with a non-zero code.
 fn rank(coords: &DMatrix<f64>) -> usize {
     (0..coords.ncols())
@@ -210,6 +228,8 @@ struct Block {
     outlier_rows: Vec<[u8; 2]>,
     /// The other tokens' mean.
     mean: Vec<f32>,
+    /// How each axis's coordinates are predicted from the tokens before ([`predict`]).
+    prediction: predict::Coefficients,
     /// The other tokens' codes, axis by axis.
     codes: entropy::CodedAxes,
 }
@@ -271,10 +291,12 @@ const PRINCIPAL_TOKENS_PER_CHANNEL: usize = 4;
 /// and values weigh on every query.
 const SINKS: usize = 4;
 
-/// Reads one block of `parts` parts of `tokens` × `d` values from the front of `raw`: `[part][tokens][d]`.
+/// Reads one block of `parts` parts of `tokens` × `d` values from the front of `raw`: `[part][tokens][d]`; `ids`
+/// as the encoder was given them.
 pub(super) fn decode(
     raw: &mut &[u8],
     parts: usize,
+    ids: &[u32],
     tokens: usize,
     d: usize,
 ) -> Result<Vec<f32>, CodecError> {
@@ -326,19 +348,31 @@ pub(super) fn decode(
     if let Some((found, want, what)) = sizes.into_iter().find(|(f, w, _)| f != w) {
         return Err(bad(format!("{found} {what}, {want} expected")));
     }
+    let inlier_ids = inlier_ids(ids, &inliers, tokens);
+    (block.prediction)
+        .check(rank, inlier_ids.is_some())
+        .map_err(bad)?;
     let codes = entropy::decode(&block.codes, rank, inliers.len())?;
+    let n = inliers.len();
+    // Coordinates, row-major.
+    let coords = predict::walk(
+        &block.prediction,
+        n,
+        rank,
+        inlier_ids.as_deref(),
+        |r, k, _| codes[k * n + r],
+    );
     let mut rows: Vec<f32> = (0..tokens)
         .flat_map(|_| block.mean.iter().copied())
         .collect();
-    let n = inliers.len();
     match &block.axes {
         Axes::Principal { steps, basis } if rank > 0 && n > 0 => {
             // Each axis as a change of the values per code (width × rank), times the codes (rank × tokens).
             let axes = DMatrix::from_fn(width, rank, |j, k| {
                 basis[k * width + j] as f32 * steps[k] / block.scale[j]
             });
-            let codes = DMatrix::from_fn(rank, n, |k, r| codes[k * n + r] as f32);
-            let change = axes * codes;
+            let coords = DMatrix::from_fn(rank, n, |k, r| coords[r * rank + k] as f32);
+            let change = axes * coords;
             for (&t, delta) in inliers
                 .iter()
                 .zip(change.as_slice().chunks_exact(width.max(1)))
@@ -350,9 +384,9 @@ pub(super) fn decode(
         }
         Axes::Principal { .. } => {}
         Axes::Channels { .. } => {
-            for (k, codes) in codes.chunks_exact(n.max(1)).enumerate().take(rank) {
-                for (&t, &q) in inliers.iter().zip(codes) {
-                    rows[t * width + k] += q as f32 / block.scale[k];
+            for (&t, row) in inliers.iter().zip(coords.chunks_exact(rank.max(1))) {
+                for (k, &y) in row.iter().enumerate() {
+                    rows[t * width + k] += y as f32 / block.scale[k];
                 }
             }
         }
