@@ -29,7 +29,7 @@ impl Coefficients {
         if n < 2 || rank == 0 {
             return Coefficients::default();
         }
-        let same = ids.map(|ids| same_token_means(ids, rank, |r, k| coords[(r, k)]));
+        let same = ids.map(|ids| same_token_means(ids, rank, coords));
         let q = |x: f64| (x / COEFFICIENT_STEP).round().clamp(-127.0, 127.0) as i8;
         let (mut alpha, mut beta) = (Vec::with_capacity(rank), Vec::with_capacity(rank));
         for k in 0..rank {
@@ -104,17 +104,14 @@ pub(super) fn walk(
     let slots = ids
         .filter(|_| !coefficients.same_token.is_empty())
         .map(slots);
-    let distinct = slots.as_ref().map_or(0, |(_, d)| *d);
-    let mut sums = vec![0f64; distinct * rank];
-    let mut counts = vec![0u32; distinct];
+    let mut means = RunningMeans::new(slots.as_ref().map_or(0, |(_, d)| *d), rank);
     let mut decoded = vec![0f64; n * rank];
     for r in 0..n {
         let slot = slots.as_ref().map(|(s, _)| s[r]);
-        let seen = slot.map_or(0, |s| counts[s]);
         for k in 0..rank {
             let mut prediction = 0.0;
-            if let (Some(s), true) = (slot, seen > 0) {
-                prediction += alpha[k] * (sums[s * rank + k] / seen as f64);
+            if let Some(mean) = slot.and_then(|s| means.get(s, k)) {
+                prediction += alpha[k] * mean;
             }
             if r > 0 {
                 prediction += beta[k] * decoded[(r - 1) * rank + k];
@@ -122,32 +119,56 @@ pub(super) fn walk(
             decoded[r * rank + k] = prediction + code(r, k, prediction) as f64;
         }
         if let Some(s) = slot {
-            for k in 0..rank {
-                sums[s * rank + k] += decoded[r * rank + k];
-            }
-            counts[s] += 1;
+            means.add(s, &decoded[r * rank..(r + 1) * rank]);
         }
     }
     decoded
 }
 
-/// For each row, the mean of `value(row, axis)` over the earlier rows with the same id (0 for a first occurrence),
-/// row-major.
-fn same_token_means(ids: &[u32], rank: usize, value: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+/// For each row of `coords` (its first `rank` columns), the mean of the earlier rows with the same id (0 for a
+/// first occurrence), row-major.
+fn same_token_means(ids: &[u32], rank: usize, coords: &DMatrix<f64>) -> Vec<f64> {
     let (slot, distinct) = slots(ids);
-    let mut sums = vec![0f64; distinct * rank];
-    let mut counts = vec![0u32; distinct];
-    let mut means = vec![0f64; ids.len() * rank];
+    let mut means = RunningMeans::new(distinct, rank);
+    let mut out = vec![0f64; ids.len() * rank];
     for (r, &s) in slot.iter().enumerate() {
         for k in 0..rank {
-            if counts[s] > 0 {
-                means[r * rank + k] = sums[s * rank + k] / counts[s] as f64;
-            }
-            sums[s * rank + k] += value(r, k);
+            out[r * rank + k] = means.get(s, k).unwrap_or(0.0);
         }
-        counts[s] += 1;
+        let row: Vec<f64> = (0..rank).map(|k| coords[(r, k)]).collect();
+        means.add(s, &row);
     }
-    means
+    out
+}
+
+/// Per slot (a token id), the running mean of the rows added so far.
+struct RunningMeans {
+    rank: usize,
+    sums: Vec<f64>,
+    counts: Vec<u32>,
+}
+
+impl RunningMeans {
+    fn new(slots: usize, rank: usize) -> Self {
+        RunningMeans {
+            rank,
+            sums: vec![0.0; slots * rank],
+            counts: vec![0; slots],
+        }
+    }
+
+    /// Axis `k`'s mean of slot `s`, `None` before its first row.
+    fn get(&self, s: usize, k: usize) -> Option<f64> {
+        let count = self.counts[s];
+        (count > 0).then(|| self.sums[s * self.rank + k] / count as f64)
+    }
+
+    fn add(&mut self, s: usize, row: &[f64]) {
+        for (sum, x) in self.sums[s * self.rank..][..self.rank].iter_mut().zip(row) {
+            *sum += x;
+        }
+        self.counts[s] += 1;
+    }
 }
 
 /// Each id's slot (its order of first appearance) and the number of distinct ids.

@@ -352,8 +352,8 @@ pub(super) fn decode(
     (block.prediction)
         .check(rank, inlier_ids.is_some())
         .map_err(bad)?;
-    let codes = entropy::decode(&block.codes, rank, inliers.len())?;
     let n = inliers.len();
+    let codes = entropy::decode(&block.codes, rank, n)?;
     // Coordinates, row-major.
     let coords = predict::walk(
         &block.prediction,
