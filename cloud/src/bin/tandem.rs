@@ -526,24 +526,29 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
         profile.as_ref().map(|p| &p.scales),
     )?;
     println!(
-        "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>11} {:>11}",
+        "{:<9} {:>12} {:>12} {:>10} {:>11} {:>11} {:>13} {:>11} {:>11} {:>11}",
         "codec",
         "bytes",
         "bytes/token",
         "vs f16",
         "top-1 agree",
+        "flips",
+        "loss, 95%",
         "|Δ log p|",
         "encode ms",
         "decode ms"
     );
     for r in rows {
+        let (lo, hi) = tandem_cloud::codec_report::loss_interval(r.flips, r.scored);
         println!(
-            "{:<9} {:>12} {:>12.0} {:>9.1}x {:>10.2}% {:>11.4} {:>11.1} {:>11.1}",
+            "{:<9} {:>12} {:>12.0} {:>9.1}x {:>10.2}% {:>11} {:>13} {:>11.4} {:>11.1} {:>11.1}",
             r.codec.to_string(),
             r.bytes,
             r.bytes_per_token,
             r.smaller_than_f16,
             r.agreement * 100.0,
+            format!("{}/{}", r.flips, r.scored),
+            format!("{:.2}–{:.2}%", lo * 100.0, hi * 100.0),
             r.logprob_shift,
             r.encode_ms,
             r.decode_ms
