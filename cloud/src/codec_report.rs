@@ -1,7 +1,7 @@
 //! `tandem codec-report`: for a real context, what each KV codec costs on the wire and what it does to the next
 //! tokens (top-1 agreement with exact KV, teacher-forced along the exact run's greedy tokens, and how far the log
 //! probability of each of those tokens moves: a finer measure than agreement, which only sees near ties flip; the
-//! flips come with the interval they pin the loss to, [`loss_interval`]).
+//! flips come with the interval they pin the loss to, [`Score::loss_interval`]).
 
 use std::time::Instant;
 
@@ -23,12 +23,8 @@ pub struct CodecRow {
     pub bytes_per_token: f64,
     /// Relative to f16 (the size a plain half-precision cache would have on the wire, uncompressed).
     pub smaller_than_f16: f64,
-    pub agreement: f64,
-    /// Tokens scored, and how many of them the codec's KV flipped (its top-1 differed from the exact run's).
-    pub scored: usize,
-    pub flips: usize,
-    /// Mean |Δ log p| of the exact run's tokens (nats): 0 for exact KV.
-    pub logprob_shift: f64,
+    /// What the codec's KV did to the exact runs.
+    pub score: Score,
     pub encode_ms: f64,
     pub decode_ms: f64,
 }
@@ -74,10 +70,7 @@ pub fn codec_report(
             bytes,
             bytes_per_token: bytes as f64 / probe.exact.len() as f64,
             smaller_than_f16: f16_bytes / bytes as f64,
-            agreement: score.agreement,
-            scored: score.scored,
-            flips: score.flips,
-            logprob_shift: score.logprob_shift,
+            score,
             encode_ms,
             decode_ms,
         });
@@ -95,15 +88,26 @@ pub(crate) struct Probe<'e> {
     references: Vec<(Vec<u32>, Run)>,
 }
 
-/// How a changed KV did against the exact runs.
-pub(crate) struct Score {
-    /// Top-1 agreement, teacher-forced along the exact runs.
-    pub agreement: f64,
-    /// Tokens scored, and those whose top-1 differed.
+/// How a changed KV did against the exact runs (teacher-forced along their tokens).
+#[derive(Debug, Clone, Copy)]
+pub struct Score {
+    /// Tokens scored, and those whose top-1 differed from the exact run's.
     pub scored: usize,
     pub flips: usize,
-    /// Mean |Δ log p| of the exact runs' tokens, nats.
+    /// Mean |Δ log p| of the exact runs' tokens, nats: 0 for exact KV.
     pub logprob_shift: f64,
+}
+
+impl Score {
+    /// Top-1 agreement with the exact runs.
+    pub fn agreement(&self) -> f64 {
+        self.scored.saturating_sub(self.flips) as f64 / self.scored.max(1) as f64
+    }
+
+    /// The 95% interval of the agreement loss these flips put the codec in ([`loss_interval`]).
+    pub fn loss_interval(&self) -> (f64, f64) {
+        loss_interval(self.flips, self.scored)
+    }
 }
 
 impl<'e> Probe<'e> {
@@ -186,7 +190,6 @@ impl<'e> Probe<'e> {
                 .sum::<f64>();
         }
         Ok(Score {
-            agreement: agree as f64 / total.max(1) as f64,
             scored: total,
             flips: total - agree,
             logprob_shift: shift / total.max(1) as f64,
@@ -197,7 +200,7 @@ impl<'e> Probe<'e> {
 /// The 95% Wilson interval of the share of tokens a codec flips, from `flips` of `scored`: how far a measured
 /// agreement could be from the codec's agreement over many more questions (the flips are near ties, so which of
 /// them flip is close to chance: a probe of 1,000 tokens pins a 1% loss only to about ±0.6%).
-pub fn loss_interval(flips: usize, scored: usize) -> (f64, f64) {
+fn loss_interval(flips: usize, scored: usize) -> (f64, f64) {
     if scored == 0 {
         return (0.0, 1.0);
     }

@@ -539,17 +539,17 @@ fn codec_report(args: CodecReportArgs) -> Result<()> {
         "decode ms"
     );
     for r in rows {
-        let (lo, hi) = tandem_cloud::codec_report::loss_interval(r.flips, r.scored);
+        let (lo, hi) = r.score.loss_interval();
         println!(
             "{:<9} {:>12} {:>12.0} {:>9.1}x {:>10.2}% {:>11} {:>13} {:>11.4} {:>11.1} {:>11.1}",
             r.codec.to_string(),
             r.bytes,
             r.bytes_per_token,
             r.smaller_than_f16,
-            r.agreement * 100.0,
-            format!("{}/{}", r.flips, r.scored),
+            r.score.agreement() * 100.0,
+            format!("{}/{}", r.score.flips, r.score.scored),
             format!("{:.2}–{:.2}%", lo * 100.0, hi * 100.0),
-            r.logprob_shift,
+            r.score.logprob_shift,
             r.encode_ms,
             r.decode_ms
         );

@@ -119,7 +119,7 @@ pub(super) fn walk(
             decoded[r * rank + k] = prediction + code(r, k, prediction) as f64;
         }
         if let Some(s) = slot {
-            means.add(s, &decoded[r * rank..(r + 1) * rank]);
+            means.add(s, decoded[r * rank..(r + 1) * rank].iter().copied());
         }
     }
     decoded
@@ -135,8 +135,7 @@ fn same_token_means(ids: &[u32], rank: usize, coords: &DMatrix<f64>) -> Vec<f64>
         for k in 0..rank {
             out[r * rank + k] = means.get(s, k).unwrap_or(0.0);
         }
-        let row: Vec<f64> = (0..rank).map(|k| coords[(r, k)]).collect();
-        means.add(s, &row);
+        means.add(s, (0..rank).map(|k| coords[(r, k)]));
     }
     out
 }
@@ -163,7 +162,7 @@ impl RunningMeans {
         (count > 0).then(|| self.sums[s * self.rank + k] / count as f64)
     }
 
-    fn add(&mut self, s: usize, row: &[f64]) {
+    fn add(&mut self, s: usize, row: impl Iterator<Item = f64>) {
         for (sum, x) in self.sums[s * self.rank..][..self.rank].iter_mut().zip(row) {
             *sum += x;
         }
