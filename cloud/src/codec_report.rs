@@ -143,13 +143,12 @@ impl<'e> Probe<'e> {
 
     /// Layer `l` of the exact KV in `codec`, as the cloud would encode it.
     pub fn encode(&self, codec: Codec, l: usize, step: LayerStep) -> Vec<u8> {
-        let w = self.energy.layers.get(l).map(Vec::as_slice);
         encode_layer_weighted(
             codec,
             self.exact.shape(),
             Some(self.rotary()),
             &self.exact.tokens,
-            w,
+            self.energy.keys(l),
             step,
             &self.exact.layers[l],
         )

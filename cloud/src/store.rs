@@ -101,13 +101,13 @@ impl StoredContext {
         positions: &[u32],
         data: &LayerKv,
     ) -> Vec<u8> {
-        let weights = self.record.query_energy.as_ref();
+        let queries = self.record.query_energy.as_ref();
         encode_layer_weighted(
             codec,
             shape,
             Some(self.record.rope.at(positions)),
             tokens,
-            weights.and_then(|e| e.layers.get(layer)).map(Vec::as_slice),
+            queries.and_then(|e| e.keys(layer)),
             (self.record.step_scales.as_ref()).map_or_else(LayerStep::default, |s| s.layer(layer)),
             data,
         )

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::kv::LayerKv;
 
 mod entropy;
+mod metric;
 mod predict;
 mod steps;
 mod transform;
@@ -259,6 +260,15 @@ impl Rotary<'_> {
     }
 }
 
+/// How the model's queries will read one layer's keys ([`QueryEnergy`](crate::model::QueryEnergy) measures it).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyQueries<'a> {
+    /// Per KV head, the second moment of the pre-rotary queries: `[kv_heads][head_dim][head_dim]`.
+    pub moments: &'a [f32],
+    /// The position the queries to come start at (the context's end).
+    pub from: u32,
+}
+
 /// Encodes one layer's K and V (each `shape`) with `codec`; `rotary` describes the keys' rotary embedding (used by
 /// the quantized and transform codecs, see [`Rotary`]; the decoder must be given the same).
 pub fn encode_layer(
@@ -271,9 +281,9 @@ pub fn encode_layer(
 }
 
 /// [`encode_layer`], told the tokens' ids (`tokens`: the transform codecs predict a token's coordinates from the
-/// same token's earlier occurrences; the decoder must be given the same ids), and how strongly the model's queries
-/// read each key channel pair of this layer (`[kv_heads][head_dim / 2]`, a layer of
-/// [`QueryEnergy`](crate::model::QueryEnergy)): the transform codecs then spend their bits where attention looks.
+/// same token's earlier occurrences; the decoder must be given the same ids), and how the model's queries read
+/// this layer's keys (`queries`): the transform codecs then measure a key's error by the attention logits it
+/// moves ([`metric`]), spending their bits where attention looks.
 /// `step` scales their rounding step for this layer's keys and values ([`StepScales`]). Other codecs ignore all
 /// three; the decoder needs only the ids.
 pub fn encode_layer_weighted(
@@ -281,7 +291,7 @@ pub fn encode_layer_weighted(
     shape: KvShape,
     rotary: Option<Rotary<'_>>,
     tokens: &[u32],
-    key_weights: Option<&[f32]>,
+    queries: Option<KeyQueries<'_>>,
     step: LayerStep,
     layer: &LayerKv,
 ) -> Vec<u8> {
@@ -317,20 +327,20 @@ pub fn encode_layer_weighted(
         Layout::Transform { step: base, .. } => {
             let d = shape.head_dim;
             let per_head = shape.tokens * d;
-            let k = unrotated_keys();
-            let neox = rotary.is_none_or(|r| r.neox);
+            let mut k = unrotated_keys();
+            let maps = key_maps(shape, rotary, queries);
+            for (map, keys) in maps.iter().zip(k.chunks_exact_mut(per_head.max(1))) {
+                map.apply(keys, d);
+            }
+            let unwhiten: Vec<&metric::Unwhiten> = maps.iter().map(|m| &m.unwhiten).collect();
+            raw.extend(postcard::to_allocvec(&unwhiten).expect("key maps serialise"));
             let keys = (0..shape.kv_heads).map(|h| transform::Part {
                 x: &k[h * per_head..(h + 1) * per_head],
                 rel_step: base * step.keys,
-                weights: key_weights
-                    .filter(|_| d >= 2)
-                    .and_then(|w| w.get(h * (d / 2)..(h + 1) * (d / 2)))
-                    .map(|pairs| channel_weights(pairs, d, neox)),
             });
             let values = (0..shape.kv_heads).map(|h| transform::Part {
                 x: &layer.v[h * per_head..(h + 1) * per_head],
                 rel_step: base * step.values,
-                weights: None,
             });
             let parts: Vec<_> = keys.chain(values).collect();
             for group in parts.chunks(transform::group(parts.len(), shape.tokens, d)) {
@@ -347,11 +357,34 @@ pub fn encode_layer_weighted(
     out
 }
 
-/// A weight per channel from a weight per rotary pair (NEOX pairs i with i + d/2, llama 2i with 2i + 1).
-fn channel_weights(pairs: &[f32], d: usize, neox: bool) -> Vec<f32> {
-    (0..d)
-        .map(|i| pairs[if neox { i % (d / 2) } else { i / 2 }])
-        .collect()
+/// Each key head's map into the metric `queries` define (none without them).
+fn key_maps(
+    shape: KvShape,
+    rotary: Option<Rotary<'_>>,
+    queries: Option<KeyQueries<'_>>,
+) -> Vec<metric::Whitening> {
+    let Some(q) = queries else {
+        return Vec::new();
+    };
+    let d = shape.head_dim;
+    // Without a rotary embedding the pairs only name channels: their rotation averages out fully.
+    let freqs = crate::model::rope_frequencies(rotary.map_or(1e4, |r| r.theta), d);
+    let rotation = metric::Rotation {
+        freqs: &freqs,
+        neox: rotary.is_none_or(|r| r.neox),
+        offsets: rotary.and_then(|r| metric::offsets(r.positions, q.from)),
+    };
+    let maps: Vec<_> = (0..shape.kv_heads)
+        .map_while(|h| {
+            let moment = q.moments.get(h * d * d..(h + 1) * d * d)?;
+            metric::Whitening::new(moment, d, shape.tokens, &rotation)
+        })
+        .collect();
+    // All heads or none: the decoder reads one map per head.
+    match maps.len() == shape.kv_heads {
+        true => maps,
+        false => Vec::new(),
+    }
 }
 
 /// Decodes what [`encode_layer`] made, given the ids the encoder was given (`tokens`, empty for none); every
@@ -410,7 +443,15 @@ pub fn decode_layer(
             (k, scatter(&dequantize(b, *bits, values), values, n))
         }
         Layout::Transform { .. } => {
-            let mut rest = &raw[..];
+            let (maps, mut rest) = postcard::take_from_bytes::<Vec<metric::Unwhiten>>(&raw)
+                .map_err(|e| CodecError::Malformed(format!("key maps: {e}")))?;
+            if !maps.is_empty() && maps.len() != shape.kv_heads {
+                return Err(CodecError::Malformed(format!(
+                    "{} key maps for {} KV heads",
+                    maps.len(),
+                    shape.kv_heads
+                )));
+            }
             let (parts, d) = (2 * shape.kv_heads, shape.head_dim);
             let group = transform::group(parts, shape.tokens, d);
             let mut k = Vec::with_capacity(2 * n);
@@ -429,6 +470,13 @@ pub fn decode_layer(
                     "{} bytes after the last head",
                     rest.len()
                 )));
+            }
+            let neox = rotary.is_none_or(|r| r.neox);
+            for (map, keys) in maps
+                .iter()
+                .zip(k.chunks_exact_mut((shape.tokens * d).max(1)))
+            {
+                map.apply(keys, d, neox)?;
             }
             rotate_back(&mut k)?;
             (k, v)
@@ -495,7 +543,9 @@ impl Layout {
             } => {
                 let histogram = 5 + 5 * (2 * entropy::MAX_RADIUS as usize + 2);
                 let block = |w: usize| 60 + 12 * w + 5 * w * w + w * histogram;
-                block(parts * head_dim) + parts * block(*head_dim) + 2 * 8 * n
+                // Each key head's map: a scale per channel and a dense triangle at most.
+                let key_maps = 5 + parts / 2 * (15 + 4 * head_dim + head_dim * (head_dim + 1));
+                key_maps + block(parts * head_dim) + parts * block(*head_dim) + 2 * 8 * n
             }
         }
     }
@@ -991,39 +1041,72 @@ mod tests {
     }
 
     #[test]
-    fn query_weights_move_the_error_to_channels_no_query_reads() {
+    fn the_query_metric_moves_key_error_away_from_what_queries_read() {
         let shape = KvShape {
             kv_heads: 1,
             tokens: 400,
             head_dim: 64,
         };
         let l = layer(shape, 9);
-        // Queries read pair 0 (channels 0 and 32) a thousand times more than the rest.
-        let mut pairs = vec![1.0f32; 32];
-        pairs[0] = 1000.0;
-        let err_in_read_channels = |weights: Option<&[f32]>| {
+        let positions: Vec<u32> = (0..400).collect();
+        let rope = RopeParams {
+            theta: 1e4,
+            neox: true,
+        };
+        // Every query is one direction (pre-rotary), read at the 256 positions after the context; it reads the
+        // small channels, not the large ones that set a plain coder's step.
+        let u: Vec<f32> = (0..64)
+            .map(|i| {
+                if i % 16 == 3 {
+                    0.0
+                } else {
+                    ((i * 7 + 3) as f32).sin()
+                }
+            })
+            .collect();
+        let moments: Vec<f32> = (0..64 * 64)
+            .map(|i| u[i / 64] * u[i % 64] + if i / 64 == i % 64 { 0.01 } else { 0.0 })
+            .collect();
+        let logit_error = |queries: Option<KeyQueries>| {
+            let at = rope.at(&positions);
             let bytes = encode_layer_weighted(
                 Codec::Pca2,
                 shape,
-                None,
+                Some(at),
                 &[],
-                weights,
+                queries,
                 LayerStep::default(),
                 &l,
             );
-            let d = decode_layer(Codec::Pca2, shape, None, &[], &bytes).unwrap();
-            (0..400)
-                .flat_map(|t| [t * 64, t * 64 + 32])
-                .map(|i| (l.k[i] - d.k[i]).powi(2))
-                .sum::<f32>()
+            let d = decode_layer(Codec::Pca2, shape, Some(at), &[], &bytes).unwrap();
+            let mut sum = 0.0;
+            for t in (400..656).step_by(15) {
+                let mut q = u.clone();
+                let one = KvShape {
+                    kv_heads: 1,
+                    tokens: 1,
+                    head_dim: 64,
+                };
+                rope.at(&[t]).apply(&mut q, one, false);
+                for (k, kd) in l.k.chunks(64).zip(d.k.chunks(64)) {
+                    let e: f32 = q
+                        .iter()
+                        .zip(k.iter().zip(kd))
+                        .map(|(q, (a, b))| q * (a - b))
+                        .sum();
+                    sum += (e as f64).powi(2);
+                }
+            }
+            sum
         };
-        let (plain, weighted) = (
-            err_in_read_channels(None),
-            err_in_read_channels(Some(&pairs)),
-        );
+        let queries = KeyQueries {
+            moments: &moments,
+            from: 400,
+        };
+        let (plain, measured) = (logit_error(None), logit_error(Some(queries)));
         assert!(
-            weighted * 10.0 < plain,
-            "weighted {weighted}, plain {plain}"
+            measured * 4.0 < plain,
+            "logit error {measured} with the queries' metric, {plain} without"
         );
     }
 
@@ -1152,10 +1235,20 @@ mod tests {
                                                             seed in any::<u32>()) {
             let shape = KvShape { kv_heads: 2, tokens, head_dim };
             let l = layer(shape, seed);
-            let weights = vec![2.0f32; head_dim];
+            // Queries along one direction per head, and a little in every other.
+            let u = |h: usize, i: usize| ((seed as usize + 7 * h + 3 * i) as f32).sin();
+            let moments: Vec<f32> = (0..2 * head_dim * head_dim)
+                .map(|i| {
+                    let (h, r, c) = (i / (head_dim * head_dim), i / head_dim % head_dim, i % head_dim);
+                    u(h, r) * u(h, c) + if r == c { 0.1 } else { 0.0 }
+                })
+                .collect();
+            let queries = KeyQueries { moments: &moments, from: tokens as u32 };
+            let positions: Vec<u32> = (0..tokens as u32).collect();
+            let rope = Some(RopeParams { theta: 1e4, neox: seed % 2 == 0 }.at(&positions));
             let ids: Vec<u32> = (0..tokens as u32).map(|t| t % 5).collect();
-            let bytes = encode_layer_weighted(Codec::Pca4, shape, None, &ids, Some(&weights), LayerStep::default(), &l);
-            let d = decode_layer(Codec::Pca4, shape, None, &ids, &bytes).unwrap();
+            let bytes = encode_layer_weighted(Codec::Pca4, shape, rope, &ids, Some(queries), LayerStep::default(), &l);
+            let d = decode_layer(Codec::Pca4, shape, rope, &ids, &bytes).unwrap();
             prop_assert_eq!(d.k.len(), l.k.len());
             // No value strays by more than the head's whole spread.
             prop_assert!(max_err(&l.k, &d.k) <= 80.0 && max_err(&l.v, &d.v) <= 80.0);

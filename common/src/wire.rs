@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 
-/// 6: the `pca` codecs predict coordinates from earlier tokens (their chunks changed); 5: they code a layer's heads
-/// on one basis; 4: they range-code their codes.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: the `pca` codecs map keys into the queries' metric and send the map's inverse; 6: they predict coordinates
+/// from earlier tokens (their chunks changed); 5: they code a layer's heads on one basis; 4: they range-code their
+/// codes.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest message either side accepts.
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 

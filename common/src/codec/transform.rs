@@ -3,8 +3,8 @@
 //! The layer's tensors — each KV head's keys and values, the [`Part`]s — are coded together: K and V of every
 //! head are projections of the same hidden state, so one principal basis over all of them needs about a fifth
 //! fewer bits than a basis per head. Each part is first scaled so that one unit is its own rounding step (a share
-//! of its RMS) — and a key channel by how strongly the model's queries read it, when the encoder knows
-//! ([`QueryEnergy`]), since an error in a channel no query looks at changes no attention weight. The tokens' rows
+//! of its RMS; keys arrive already mapped into the metric of the queries that will read them, see
+//! [`metric`](super::metric), so their plain error is the error attention sees). The tokens' rows
 //! are then centred and turned onto their principal axes, and every coordinate is rounded to a whole unit: axes
 //! whose codes are all zero are dropped, so the low-rank reduction follows from the steps. What is coded is each
 //! coordinate less its prediction from the tokens before it ([`predict`]: the same token's earlier occurrences,
@@ -20,8 +20,6 @@
 //! Each group travels as a postcard [`Block`]: channel scales, axes, outlier tokens and their f16 rows, the
 //! others' mean, the prediction's coefficients, the range-coded codes. The decoder needs no eigen-solver and no
 //! weights, only the tokens' ids.
-//!
-//! [`QueryEnergy`]: crate::model::QueryEnergy
 
 use half::f16;
 use nalgebra::{DMatrix, SymmetricEigen};
@@ -29,12 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{CodecError, entropy, predict};
 
-/// One tensor of a layer: `[tokens][d]` values, rounded to `rel_step` of their RMS; `weights` (one per channel,
-/// > 0) say how much an error in each channel counts.
+/// One tensor of a layer: `[tokens][d]` values, rounded to `rel_step` of their RMS.
 pub(super) struct Part<'a> {
     pub x: &'a [f32],
     pub rel_step: f64,
-    pub weights: Option<Vec<f32>>,
 }
 
 /// How many of a layer's `parts` parts of `tokens` × `d` go in one block: all of them when the tokens are enough
@@ -51,15 +47,11 @@ pub(super) fn group(parts: usize, tokens: usize, d: usize) -> usize {
 pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], ids: &[u32], tokens: usize, d: usize) {
     let width = parts.len() * d;
     let at = |t: usize, j: usize| parts[j / d].x[t * d + j % d] as f64;
-    let weight_scale: Vec<f64> = parts
-        .iter()
-        .flat_map(|p| channel_scales(p.weights.as_deref(), d))
-        .collect();
     // Outliers by their distance from the mean, each part counted relative to its own spread.
     let all: Vec<usize> = (0..tokens).collect();
-    let spread = part_rms(parts, d, &all, &weight_scale);
+    let spread = part_rms(parts, d, &all);
     let relative: Vec<f64> = (0..width)
-        .map(|j| weight_scale[j] / spread[j / d].max(f64::MIN_POSITIVE))
+        .map(|j| 1.0 / spread[j / d].max(f64::MIN_POSITIVE))
         .collect();
     let outliers = outliers(tokens, width, &at, &relative);
     let inliers: Vec<usize> = (0..tokens)
@@ -69,15 +61,15 @@ pub(super) fn encode(out: &mut Vec<u8>, parts: &[Part], ids: &[u32], tokens: usi
     let mean: Vec<f64> = (0..width)
         .map(|j| inliers.iter().map(|&t| at(t, j)).sum::<f64>() / n)
         .collect();
-    // One unit of a channel: its part's step, over the channel's weight.
-    let rms = part_rms(parts, d, &inliers, &weight_scale);
+    // One unit of a channel: its part's step.
+    let rms = part_rms(parts, d, &inliers);
     let scale: Vec<f32> = (0..width)
         .map(|j| {
-            let units = (weight_scale[j] / (parts[j / d].rel_step * rms[j / d])) as f32;
+            let units = (1.0 / (parts[j / d].rel_step * rms[j / d])) as f32;
             // A constant part (no spread to take a step from) is coded in its own units.
             match units.is_finite() && units > 0.0 {
                 true => units,
-                false => weight_scale[j] as f32,
+                false => 1.0,
             }
         })
         .collect();
@@ -190,22 +182,17 @@ fn rank(coords: &DMatrix<f64>) -> usize {
         .map_or(0, |k| k + 1)
 }
 
-/// Each part's RMS over `tokens` (channels weighted), about its own mean.
-fn part_rms(parts: &[Part], d: usize, tokens: &[usize], weight_scale: &[f64]) -> Vec<f64> {
+/// Each part's RMS over `tokens`, about its own mean.
+fn part_rms(parts: &[Part], d: usize, tokens: &[usize]) -> Vec<f64> {
     let n = tokens.len().max(1) as f64;
     parts
         .iter()
-        .enumerate()
-        .map(|(p, part)| {
+        .map(|part| {
             let sum: f64 = (0..d)
                 .map(|i| {
                     let x = |t: usize| part.x[t * d + i] as f64;
                     let m = tokens.iter().map(|&t| x(t)).sum::<f64>() / n;
-                    let w = weight_scale[p * d + i];
-                    tokens
-                        .iter()
-                        .map(|&t| ((x(t) - m) * w).powi(2))
-                        .sum::<f64>()
+                    tokens.iter().map(|&t| (x(t) - m).powi(2)).sum::<f64>()
                 })
                 .sum();
             (sum / (n * d.max(1) as f64)).sqrt()
@@ -407,19 +394,4 @@ pub(super) fn decode(
         }
     }
     Ok(x)
-}
-
-/// Square roots of the weights, normalised to mean square 1 (tiny weights floored, so every channel keeps a
-/// finite scale).
-fn channel_scales(weights: Option<&[f32]>, d: usize) -> Vec<f64> {
-    let Some(w) = weights.filter(|w| w.len() == d && w.iter().all(|v| v.is_finite())) else {
-        return vec![1.0; d];
-    };
-    let top = w.iter().fold(0f32, |a, &b| a.max(b)) as f64;
-    if top <= 0.0 {
-        return vec![1.0; d];
-    }
-    let w: Vec<f64> = w.iter().map(|&v| (v as f64).max(top * 1e-4)).collect();
-    let mean = w.iter().sum::<f64>() / d as f64;
-    w.iter().map(|v| (v / mean).sqrt()).collect()
 }

@@ -213,6 +213,9 @@ impl Model {
             let ctx = (ctx.as_ref(), blend.as_ref());
             h = self.block(block, h, &rope, ctx, &mut own[l], p, energy);
         }
+        if let Some(e) = energy {
+            e.end = e.end.max((start + tokens.len()) as u32);
+        }
         let last = h.narrow(0, tokens.len() - 1, 1);
         Ok(Logits::Device(q_linear(
             self.norm.forward(last),
@@ -250,12 +253,13 @@ impl Model {
         let g = nh / nkv;
 
         let x = b.attn_norm.forward(h.clone());
-        let q = rope.apply(b.q.forward(x.clone(), p).reshape([t, nh, hd]));
+        let q = b.q.forward(x.clone(), p).reshape([t, nh, hd]);
+        if let Some((l, e)) = energy {
+            e.add(l, q.clone());
+        }
+        let q = rope.apply(q);
         let k = rope.apply(b.k.forward(x.clone(), p).reshape([t, nkv, hd]));
         let v = b.v.forward(x, p).reshape([t, nkv, hd]);
-        if let Some((l, e)) = energy {
-            e.add(l, q.clone(), c.rope_style);
-        }
 
         // Group query heads by their KV head: [nkv, g·t, hd], so GQA needs no repeated keys.
         let q = q

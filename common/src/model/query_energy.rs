@@ -1,55 +1,62 @@
-//! How strongly a model's queries read each rotary channel pair of each layer's keys, measured over the tokens a
-//! session ran. A key error in pair j moves attention logits by about `|q_j|·|δk_j|`, so a KV codec that spends its
-//! bits where queries look (see [`crate::codec`]) keeps the attention the model computes, not just the keys' values.
-//! Pair energies are rotation-invariant: the rotary embedding turns each pair but never changes its length.
+//! How a model's queries read each layer's keys, measured over the tokens a session ran: per KV head, the mean
+//! of `q qᵀ` over its query heads' pre-rotary queries. A key error `δk` moves an attention logit by `q·δk`, whose
+//! mean square is `δkᵀ (q qᵀ) δk` — so a KV codec that measures its error this way ([`crate::codec`]) keeps the
+//! attention the model computes, not just the keys' values. The rotary embedding turns queries and keys by their
+//! positions; the codec averages this moment over the rotations between the keys and the queries still to come.
 
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::RopeStyle;
+use crate::codec::KeyQueries;
 
-/// Mean squared query norm per layer, KV head and rotary pair: `layers[l][h * pairs + j]`.
+/// Second moment of the pre-rotary queries per layer and KV head: `layers[l][(h * head_dim + i) * head_dim + j]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueryEnergy {
     pub kv_heads: usize,
-    /// `head_dim / 2`.
-    pub pairs: usize,
+    pub head_dim: usize,
     pub layers: Vec<Vec<f32>>,
+    /// One past the last position a query was measured at: where the queries still to come start.
+    pub end: u32,
     /// Query rows averaged so far per layer (tokens × query heads per KV head).
     counts: Vec<u64>,
 }
 
 impl QueryEnergy {
     pub fn new(n_layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        let pairs = head_dim / 2;
         QueryEnergy {
             kv_heads,
-            pairs,
-            layers: vec![vec![0.0; kv_heads * pairs]; n_layers],
+            head_dim,
+            layers: vec![vec![0.0; kv_heads * head_dim * head_dim]; n_layers],
+            end: 0,
             counts: vec![0; n_layers],
         }
     }
 
-    /// Folds layer `l`'s queries `[tokens, heads, head_dim]` (heads grouped by KV head, as GQA groups them) into
-    /// the running means.
-    pub(super) fn add(&mut self, l: usize, q: Tensor<3>, style: RopeStyle) {
+    /// How the queries read layer `l`'s keys, for the KV codec.
+    pub fn keys(&self, l: usize) -> Option<KeyQueries<'_>> {
+        Some(KeyQueries {
+            moments: self.layers.get(l)?,
+            from: self.end,
+        })
+    }
+
+    /// Folds layer `l`'s pre-rotary queries `[tokens, heads, head_dim]` (heads grouped by KV head, as GQA groups
+    /// them) into the running means.
+    pub(super) fn add(&mut self, l: usize, q: Tensor<3>) {
         let [t, nh, hd] = q.dims();
-        let (nkv, half) = (self.kv_heads, hd / 2);
-        let sq = q.clone() * q;
-        let pairs = match style {
-            RopeStyle::Neox => sq.clone().narrow(2, 0, half) + sq.narrow(2, half, half),
-            RopeStyle::Interleaved => sq
-                .reshape([t, nh, half, 2])
-                .sum_dim(3)
-                .reshape([t, nh, half]),
-        };
-        let sums = pairs
-            .sum_dim(0)
-            .reshape([nkv, nh / nkv, half])
-            .sum_dim(1)
+        let nkv = self.kv_heads;
+        // [nkv, hd, rows] · [nkv, rows, hd]
+        let rows = q
+            .reshape([t, nkv, nh / nkv, hd])
+            .permute([1, 0, 2, 3])
+            .reshape([nkv, t * nh / nkv, hd]);
+        let sums = rows
+            .clone()
+            .swap_dims(1, 2)
+            .matmul(rows)
             .into_data()
             .try_into_vec::<f32>()
-            .expect("query energies are f32");
+            .expect("queries are f32");
         let (old, new) = (self.counts[l], (t * nh / nkv) as u64);
         let total = (old + new) as f64;
         for (mean, s) in self.layers[l].iter_mut().zip(sums) {
