@@ -43,15 +43,16 @@ pub(super) fn offsets(positions: &[u32], from: u32) -> Option<(u32, u32)> {
     Some((lo, hi))
 }
 
-impl Rotation<'_> {
-    /// Channel of pair `j`'s component `a` (0 or 1).
-    fn channel(&self, j: usize, a: usize) -> usize {
-        match self.neox {
-            true => j + a * self.freqs.len(),
-            false => 2 * j + a,
-        }
+/// Channel of component `a` (0 or 1) of rotary pair `j` of `pairs`: NEOX pairs channel j with j + pairs (Qwen2),
+/// llama 2j with 2j + 1.
+fn channel(pairs: usize, neox: bool, j: usize, a: usize) -> usize {
+    match neox {
+        true => j + a * pairs,
+        false => 2 * j + a,
     }
+}
 
+impl Rotation<'_> {
     /// Mean of `e^{iωΔ}` over the offsets.
     fn mean_turn(&self, omega: f64) -> (f64, f64) {
         let Some((lo, hi)) = self.offsets else {
@@ -88,7 +89,7 @@ fn averaged(moment: &[f32], d: usize, rot: &Rotation) -> DMatrix<f64> {
     let mut m = DMatrix::zeros(d, d);
     for i in 0..pairs {
         for j in 0..pairs {
-            let ch = |p, a| rot.channel(p, a);
+            let ch = |p, a| channel(pairs, rot.neox, p, a);
             let (a, b) = (c(ch(i, 0), ch(j, 0)), c(ch(i, 0), ch(j, 1)));
             let (cc, dd) = (c(ch(i, 1), ch(j, 0)), c(ch(i, 1), ch(j, 1)));
             // The block splits into a part that commutes with rotations (p0 + i·p1) and one that mirrors them
@@ -148,15 +149,11 @@ impl Whitening {
         }
         let m = m / mean;
         let budget = tokens * d / VALUES_PER_DENSE_VALUE;
-        let pairs = rot.freqs.len();
         let mut dense_pairs = rot.slow_pairs();
         while dense_pairs > 0 && (2 * dense_pairs) * (2 * dense_pairs + 1) / 2 > budget {
             dense_pairs -= 1;
         }
-        let mut dense_channels: Vec<usize> = (pairs - dense_pairs..pairs)
-            .flat_map(|j| [rot.channel(j, 0), rot.channel(j, 1)])
-            .collect();
-        dense_channels.sort_unstable();
+        let dense_channels = block_channels(d, dense_pairs, rot.neox);
         let in_block = |c: usize| dense_channels.binary_search(&c).is_ok();
         let scales = (0..d)
             .filter(|&c| !in_block(c))
@@ -196,28 +193,15 @@ impl Whitening {
 
     /// Maps rows of `d` values in place.
     pub fn apply(&self, x: &mut [f32], d: usize) {
-        let mut scales = self.unwhiten.scales.iter();
-        let scale: Vec<Option<f32>> = (0..d)
-            .map(|c| match self.dense_channels.binary_search(&c) {
-                Ok(_) => None,
-                Err(_) => scales.next().copied(),
-            })
-            .collect();
-        let n = self.dense_channels.len();
-        let mut block = vec![0f64; n];
-        for row in x.chunks_exact_mut(d) {
-            for (b, &c) in block.iter_mut().zip(&self.dense_channels) {
-                *b = row[c] as f64;
-            }
-            for (i, &c) in self.dense_channels.iter().enumerate() {
-                row[c] = (0..n).map(|j| self.dense[(i, j)] * block[j]).sum::<f64>() as f32;
-            }
-            for (v, s) in row.iter_mut().zip(&scale) {
-                if let Some(s) = s {
-                    *v *= s;
-                }
-            }
-        }
+        let scales = per_channel(d, &self.dense_channels, &self.unwhiten.scales);
+        map_rows(
+            x,
+            d,
+            &self.dense_channels,
+            &self.dense,
+            |v, s| v * s,
+            &scales,
+        );
     }
 }
 
@@ -281,34 +265,59 @@ impl Unwhiten {
         if self.scales.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return Err(bad("a key channel scale is zero or not finite".into()));
         }
-        let channel = |j: usize, a: usize| if neox { j + a * pairs } else { 2 * j + a };
-        let mut block: Vec<usize> = (pairs - dense_pairs..pairs)
-            .flat_map(|j| [channel(j, 0), channel(j, 1)])
-            .collect();
-        block.sort_unstable();
-        let inverse = symmetric(&self.dense, n);
-        let mut scales = self.scales.iter();
-        let scale: Vec<Option<f32>> = (0..d)
-            .map(|c| match block.binary_search(&c) {
-                Ok(_) => None,
-                Err(_) => scales.next().copied(),
-            })
-            .collect();
-        let mut values = vec![0f32; n];
-        for row in x.chunks_exact_mut(d) {
-            for (v, &c) in values.iter_mut().zip(&block) {
-                *v = row[c];
-            }
-            for (i, &c) in block.iter().enumerate() {
-                row[c] = (0..n).map(|j| inverse[(i, j)] * values[j]).sum();
-            }
-            for (v, s) in row.iter_mut().zip(&scale) {
-                if let Some(s) = s {
-                    *v /= s;
-                }
+        let block = block_channels(d, dense_pairs, neox);
+        let inverse = symmetric(&self.dense, n).map(|v| v as f64);
+        let scales = per_channel(d, &block, &self.scales);
+        map_rows(x, d, &block, &inverse, |v, s| v / s, &scales);
+        Ok(())
+    }
+}
+
+/// The channels of the slowest `dense_pairs` of `d / 2` rotary pairs, ascending.
+fn block_channels(d: usize, dense_pairs: usize, neox: bool) -> Vec<usize> {
+    let pairs = d / 2;
+    let mut block: Vec<usize> = (pairs - dense_pairs.min(pairs)..pairs)
+        .flat_map(|j| [channel(pairs, neox, j, 0), channel(pairs, neox, j, 1)])
+        .collect();
+    block.sort_unstable();
+    block
+}
+
+/// Each of `d` channels' scale, in order from `scales`; none for the `block`'s channels.
+fn per_channel(d: usize, block: &[usize], scales: &[f32]) -> Vec<Option<f32>> {
+    let mut scales = scales.iter();
+    (0..d)
+        .map(|c| match block.binary_search(&c) {
+            Ok(_) => None,
+            Err(_) => scales.next().copied(),
+        })
+        .collect()
+}
+
+/// Rows of `d` values in place: the `block`'s channels times `matrix`, every other channel `op`(value, its scale).
+fn map_rows(
+    x: &mut [f32],
+    d: usize,
+    block: &[usize],
+    matrix: &DMatrix<f64>,
+    op: impl Fn(f32, f32) -> f32,
+    scales: &[Option<f32>],
+) {
+    let mut values = vec![0f64; block.len()];
+    for row in x.chunks_exact_mut(d.max(1)) {
+        for (v, &c) in values.iter_mut().zip(block) {
+            *v = row[c] as f64;
+        }
+        for (i, &c) in block.iter().enumerate() {
+            row[c] = (0..block.len())
+                .map(|j| matrix[(i, j)] * values[j])
+                .sum::<f64>() as f32;
+        }
+        for (v, s) in row.iter_mut().zip(scales) {
+            if let Some(s) = s {
+                *v = op(*v, *s);
             }
         }
-        Ok(())
     }
 }
 
