@@ -153,16 +153,16 @@ impl Whitening {
         while dense_pairs > 0 && (2 * dense_pairs) * (2 * dense_pairs + 1) / 2 > budget {
             dense_pairs -= 1;
         }
-        let dense_channels = block_channels(d, dense_pairs, rot.neox);
-        let in_block = |c: usize| dense_channels.binary_search(&c).is_ok();
+        let block = block_channels(d, dense_pairs, rot.neox);
+        // Scales only when the dense block's inverse would not invert.
+        let (dense_pairs, dense_channels, dense, inverse) = match dense_root(&m, &block) {
+            Some((dense, inverse)) => (dense_pairs, block, dense, inverse),
+            None => (0, Vec::new(), DMatrix::zeros(0, 0), Vec::new()),
+        };
         let scales = (0..d)
-            .filter(|&c| !in_block(c))
+            .filter(|c| dense_channels.binary_search(c).is_err())
             .map(|c| m[(c, c)].max(FLOOR).sqrt() as f32)
             .collect();
-        let (dense, inverse) = match dense_root(&m, &dense_channels) {
-            Some(pair) => pair,
-            None => return Some(Whitening::diagonal(&m)),
-        };
         let unwhiten = Unwhiten {
             dense_pairs: dense_pairs as u32,
             scales,
@@ -173,22 +173,6 @@ impl Whitening {
             dense,
             unwhiten,
         })
-    }
-
-    /// Scales only (the dense block's inverse would not invert).
-    fn diagonal(m: &DMatrix<f64>) -> Self {
-        let unwhiten = Unwhiten {
-            dense_pairs: 0,
-            scales: (0..m.nrows())
-                .map(|c| m[(c, c)].max(FLOOR).sqrt() as f32)
-                .collect(),
-            dense: Vec::new(),
-        };
-        Whitening {
-            dense_channels: Vec::new(),
-            dense: DMatrix::zeros(0, 0),
-            unwhiten,
-        }
     }
 
     /// Maps rows of `d` values in place.
